@@ -1,0 +1,143 @@
+"""Measure the peak memory of one step: what benchmarks and tests compare plans against.
+
+On CUDA this reads the caching allocator's statistics. On CPU there is no allocator statistic,
+so live tensor storages are tracked through a dispatch mode.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["LiveTensorTracker", "peak_memory"]
+
+
+def _storage_key(storage: torch.UntypedStorage) -> int:
+    return int(storage._cdata)
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages on one device type, and their peak.
+
+    Storages that exist when the tracker starts are found by scanning Python's live objects for
+    tensors on that device (parameters, buffers, inputs, gradients); every storage created by an
+    operator while the mode is active is added on creation and removed when it is freed.
+
+    Example:
+        >>> x = torch.ones(1024)
+        >>> with LiveTensorTracker("cpu") as t:
+        ...     y = x * 2
+        ...     del y
+        ...     z = x + 1
+        >>> t.peak_bytes - t.baseline_bytes
+        4096
+    """
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self._live: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+        self.timeline: list[int] | None = None
+
+    def record_timeline(self) -> LiveTensorTracker:
+        """Also keep ``current_bytes`` after every operator in ``self.timeline``."""
+        self.timeline = []
+        return self
+
+    def __enter__(self) -> LiveTensorTracker:
+        gc.collect()
+        for obj in gc.get_objects():
+            # type() rather than isinstance(): isinstance reads __class__, which trips lazy
+            # module attributes (deprecation proxies) that gc also returns.
+            if issubclass(type(obj), torch.Tensor):
+                self._add(obj)
+        self.baseline_bytes = self.current_bytes
+        self.peak_bytes = self.current_bytes
+        super().__enter__()
+        return self
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != self.device_type or tensor.is_meta:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, nested, or tensor subclasses
+            return
+        key = _storage_key(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._live[key] = nbytes
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current_bytes -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+        if self.timeline is not None:
+            self.timeline.append(self.current_bytes)
+        return out
+
+
+def peak_memory(step: Callable[[], Any], device: torch.device | str | None = None) -> int:
+    """Run ``step()`` once and return the peak bytes allocated on the device while it ran.
+
+    The peak includes everything resident when the step starts (parameters, buffers, inputs,
+    existing gradients) plus what the step allocates: the budget's meaning in DESIGN.md.
+
+    On CUDA it is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: exact
+    at the allocator, including memory allocated inside compiled (inductor) kernels, rounded to
+    the allocator's 512-byte blocks.
+
+    On CPU it tracks tensor storages with :class:`LiveTensorTracker`. It sees every tensor
+    produced by an operator that goes through the dispatcher, in forward and backward, and every
+    tensor reachable from Python when the step starts. It cannot see scratch memory that a kernel
+    allocates and frees internally (oneDNN workspaces, say), memory allocated inside inductor-
+    compiled kernels, or storages created before the step that no Python object references.
+
+    Args:
+        step: a zero-argument callable, typically forward + backward of a model.
+        device: where to measure; defaults to CUDA when available, else CPU.
+
+    Returns:
+        The peak in bytes.
+
+    Example:
+        >>> w = torch.randn(256, 256, requires_grad=True)
+        >>> peak = peak_memory(lambda: (w @ w).sum().backward())
+        >>> peak >= 2 * w.numel() * 4  # w and w.grad
+        True
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is None:
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev))
+    with LiveTensorTracker(dev.type) as tracker:
+        step()
+    return tracker.peak_bytes
