@@ -1,0 +1,195 @@
+"""Measurements shared by all benchmarks: peak memory, FLOPs, loss, gradients and step time.
+
+Every candidate (plain, hand-checkpointed, graphckpt-planned) is measured by the same code
+so that their numbers compare.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphckpt.flops import count_flops
+from graphckpt.memory import LiveTensorTracker, peak_memory
+
+__all__ = ["StepMeasurement", "grads_equal", "measure_step", "resident_bytes", "time_steps"]
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What one training step (forward + backward) of a candidate did."""
+
+    peak_bytes: int
+    """Peak bytes on the device during the step: the model's parameters, buffers and inputs
+    plus the step's own peak allocation (activations, gradients, temporaries)."""
+    flops: int
+    """FLOPs of forward and backward, recomputation included."""
+    loss: float
+    """The step's loss."""
+    grads: dict[str, torch.Tensor]
+    """Gradient of every parameter that received one, by parameter name (cloned)."""
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
+
+    Args:
+        tensors: any tensors, e.g. ``model.parameters()``.
+
+    Returns:
+        The total storage bytes.
+
+    Example:
+        >>> w = torch.zeros(256)
+        >>> resident_bytes([w, w[:128], torch.zeros(2)])
+        1032
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _step_increment_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes that ``step()`` allocates above what was allocated when it started."""
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        return peak_memory(step, device) - before
+    # peak_memory's CPU tracker counts every tensor the process holds when the step starts;
+    # a benchmark holds several candidate models at once, so subtract that baseline.
+    with LiveTensorTracker(device.type) as tracker:
+        step()
+    return tracker.peak_bytes - tracker.baseline_bytes
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> StepMeasurement:
+    """Run one training step of ``model`` twice, measuring its peak memory, then its FLOPs.
+
+    Each run starts with ``.grad`` set to None and ``torch.manual_seed(seed)``, so dropout draws
+    the same masks in both runs and across candidates. The peak is that of DESIGN.md's budget,
+    for this model alone: parameters, buffers and tensor inputs, plus the largest amount the
+    step allocates on top (other models alive in the process do not count). Loss and gradients
+    are those of the first run; the model is left with the second run's gradients.
+
+    Args:
+        model: a module whose ``model(*inputs)`` is a scalar loss.
+        inputs: the step's positional inputs.
+        seed: the RNG seed set before each run.
+
+    Returns:
+        The :class:`StepMeasurement`.
+
+    Example:
+        >>> from graphckpt.examples import gpt_example
+        >>> model, inputs = gpt_example(batch=2, seq=16, n_layer=2, n_embd=32)
+        >>> m = measure_step(model, inputs, seed=0)
+        >>> m.flops > 0 and m.peak_bytes > 0 and len(m.grads) > 0
+        True
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
+    resident = resident_bytes([*params, *model.buffers(), *tensor_inputs])
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        loss = model(*inputs)
+        loss.backward()
+        losses.append(loss.detach())
+
+    _zero_grads(model)
+    torch.manual_seed(seed)
+    increment = _step_increment_bytes(step, device)
+    grads = {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
+    _zero_grads(model)
+    torch.manual_seed(seed)
+    flops = count_flops(step)
+    return StepMeasurement(
+        peak_bytes=resident + increment, flops=flops, loss=float(losses[0]), grads=grads
+    )
+
+
+def time_steps(
+    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall-clock seconds of each zero-argument step, the candidates interleaved.
+
+    Runs ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every
+    candidate once, in order (A, B, C, A, B, C, ...), so that drifts in machine load affect
+    all candidates alike.
+
+    Args:
+        candidates: step functions by name, e.g. ``{"plain": step_a, "ckpt": step_b}``.
+        repeats: timed rounds, >= 1.
+        warmup: untimed rounds before them, >= 0.
+
+    Returns:
+        The median seconds per call, by candidate name.
+
+    Example:
+        >>> times = time_steps({"sum": lambda: torch.ones(100).sum()}, repeats=3, warmup=1)
+        >>> sorted(times)
+        ['sum']
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    for _ in range(warmup):
+        for step in candidates.values():
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, step in candidates.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def grads_equal(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, rtol: float = 0.0, atol: float = 0.0
+) -> bool:
+    """Whether two gradient dicts have the same names and equal tensors.
+
+    With the default tolerances the tensors must be bitwise equal (``torch.equal``);
+    otherwise ``torch.allclose(x, y, rtol, atol)`` decides.
+
+    Args:
+        a: gradients by parameter name.
+        b: gradients by parameter name.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+
+    Returns:
+        True if every gradient matches.
+
+    Example:
+        >>> g = {"w": torch.ones(3)}
+        >>> grads_equal(g, {"w": torch.ones(3)}), grads_equal(g, {"w": torch.zeros(3)})
+        (True, False)
+    """
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        same = torch.equal(x, y) if rtol == 0 and atol == 0 else torch.allclose(x, y, rtol, atol)
+        if not same:
+            return False
+    return True
