@@ -1,0 +1,1 @@
+"""Benchmarks of graphckpt against hand-placed checkpointing: models, baselines, measurement."""
