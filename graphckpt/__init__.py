@@ -5,13 +5,22 @@ top-level ``passes`` package; importing graphckpt does not import them, initiali
 change any torch configuration.
 """
 
+from graphckpt.checkpoint import Checkpointer, checkpoint, non_reentrant_checkpoint
+from graphckpt.config import CheckpointConfig
 from graphckpt.errors import GraphCkptError, InfeasibleBudgetError, TraceError
 from graphckpt.memory import LiveTensorTracker, peak_memory
+from graphckpt.rng import RNGStatesTracker, model_parallel_manual_seed
 
 __all__ = [
+    "CheckpointConfig",
+    "Checkpointer",
     "GraphCkptError",
     "InfeasibleBudgetError",
     "LiveTensorTracker",
+    "RNGStatesTracker",
     "TraceError",
+    "checkpoint",
+    "model_parallel_manual_seed",
+    "non_reentrant_checkpoint",
     "peak_memory",
 ]

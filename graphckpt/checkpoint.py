@@ -306,7 +306,7 @@ class Checkpointer:
     def _prefetch_before(self, region: _Region) -> None:
         """Frees the region's entry and starts reloading the region run just before it."""
         self._pending.pop(region.serial, None)
-        if self._storage.offload is None or region.device.type != "cuda":
+        if self._storage.offload is None:
             return
         earlier = [
             saved

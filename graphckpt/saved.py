@@ -142,6 +142,8 @@ class SavedInputs:
 
     def nbytes(self, where: Literal["all", "device", "host"] = "all") -> int:
         """Bytes held for these inputs: ``host`` counts offloaded copies and host buffers."""
+        if self.consumed:
+            return 0
         total = 0
         host_buffers = self._storage.buffers is not None and self._storage.buffers.host
         for saved in self._items:

@@ -1,0 +1,54 @@
+"""Runs a test body on two CPU processes joined by a gloo process group (shared test helper)."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)  # two processes share the CI machine's cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    body(rank, *args)
+    # Both ranks finish their collectives before either tears the group down; tearing down
+    # while the other rank still talks to the store aborts it.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_two_ranks(body: Callable[..., None], *args: Any) -> None:
+    """Calls ``body(rank, *args)`` on ranks 0 and 1 of a gloo group; fails on error or timeout.
+
+    ``body`` must be a module-level function (it is pickled by name into the new processes).
+    """
+    context = mp.start_processes(
+        _entry, args=(body, _free_port(), args), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=0.1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two-rank test did not finish within {TIMEOUT_S:.0f} s")

@@ -1,0 +1,90 @@
+"""Tests of graphckpt/partition.py: slices, padding, and partitioned saves over 2 gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from graphckpt.checkpoint import Checkpointer
+from graphckpt.config import CheckpointConfig
+from graphckpt.partition import (
+    MIN_PARTITION_ELEMENTS_PER_RANK,
+    gather_tensor,
+    partition_tensor,
+    should_partition,
+)
+from tests.graphckpt._two_ranks import run_two_ranks
+
+
+def test_without_a_group_the_whole_tensor_is_kept() -> None:
+    x = torch.randn(3, 5)
+    part = partition_tensor(x, None)
+    assert part.world_size == 1 and part.shard.numel() == 15
+    torch.testing.assert_close(gather_tensor(part), x, rtol=0, atol=0)
+
+
+def test_only_large_floating_point_tensors_are_partitioned() -> None:
+    big = 2 * MIN_PARTITION_ELEMENTS_PER_RANK
+    assert should_partition(torch.zeros(big), 2)
+    assert not should_partition(torch.zeros(big - 1), 2)
+    assert not should_partition(torch.zeros(big, dtype=torch.bool), 2)
+    assert not should_partition(torch.zeros(big, dtype=torch.int64), 2)
+    assert not should_partition(torch.zeros(big), 1)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(67, 67)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x)).masked_fill(mask, 0.0) + bias
+
+
+def _grads(ckpt: Checkpointer, block: Block, x: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    block.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    mask = torch.arange(67) % 3 == 0
+    bias = torch.linspace(0, 1, 67).requires_grad_()
+    h = ckpt(block, x, mask, bias)
+    out = ckpt(block, h, mask, bias)
+    saved = ckpt.saved_bytes()
+    out.square().sum().backward()
+    assert ckpt.saved_bytes() == 0
+    grads = [x.grad, bias.grad, *(p.grad for p in block.parameters())]
+    return [g.clone() for g in grads if g is not None], saved
+
+
+def _partitioned_saves(rank: int) -> None:
+    # Every rank holds the same activations, as tensor-parallel ranks do.
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(5, 67)  # 335 elements: does not divide by 2, the tail is padded
+    group = dist.group.WORLD
+
+    # torch.equal, not assert_close: with a process group up, assert_close imports DTensor
+    # (and sympy), which takes seconds.
+    part = partition_tensor(x, group)
+    assert part.shard.numel() == 168
+    assert torch.equal(gather_tensor(part), x)
+
+    want, whole_bytes = _grads(Checkpointer(), block, x)
+    partitioned = Checkpointer(CheckpointConfig(partition_activations=True), group)
+    got, part_bytes = _grads(partitioned, block, x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    # Two regions each save x (335 floats), the mask (67 bools) and the bias (67 floats, small).
+    assert whole_bytes == 2 * (335 * 4 + 67 + 67 * 4)
+    assert part_bytes == 2 * (168 * 4 + 67 + 67 * 4)
+    assert 0.45 < 168 * 4 / (335 * 4) < 0.55
+
+    both = CheckpointConfig(partition_activations=True, cpu_checkpointing=True)
+    offloaded = Checkpointer(both, group)
+    got, _ = _grads(offloaded, block, x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.distributed
+def test_partitioned_saves_on_two_gloo_ranks() -> None:
+    run_two_ranks(_partitioned_saves)
