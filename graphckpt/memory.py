@@ -39,6 +39,10 @@ class LiveTensorTracker(TorchDispatchMode):
         4096
     """
 
+    # Higher-order ops (the RNG save/replay wrappers in rewritten graphs) run through
+    # __torch_dispatch__ like any op; their outputs are tracked, their internals are not.
+    supports_higher_order_operators = True
+
     def __init__(self, device_type: str = "cpu") -> None:
         super().__init__()
         self.device_type = device_type
@@ -47,6 +51,12 @@ class LiveTensorTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self.baseline_bytes = 0
         self.timeline: list[int] | None = None
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Lets torch.compile'd code run under the tracker (Dynamo otherwise skips every frame
+        # while a dispatch mode is active); the tracker then sees the ops the compiled code runs.
+        return True
 
     def record_timeline(self) -> LiveTensorTracker:
         """Also keep ``current_bytes`` after every operator in ``self.timeline``."""
@@ -72,6 +82,8 @@ class LiveTensorTracker(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested, or tensor subclasses
             return
+        if storage.device.type != self.device_type:
+            return  # fake tensors (Dynamo's, in graph metadata) claim a device but hold no memory
         key = _storage_key(storage)
         if key in self._live:
             return

@@ -1,0 +1,159 @@
+"""Options of the planner: what it may do, and the device it plans for.
+
+``PlanConfig`` is the one frozen config object ``auto_checkpoint``, ``plan`` and ``backend``
+take; ``DeviceSpec`` holds the roofline numbers the cost model prices operations with.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["DeviceSpec", "PlanConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSpec:
+    """Roofline numbers of the device a plan is made for.
+
+    Example:
+        >>> DeviceSpec.preset("cuda").host_link_bytes_per_s > 0
+        True
+    """
+
+    type: Literal["cpu", "cuda"] = "cpu"
+    """Device type the plan runs on."""
+    flops_per_s: float = 150e9
+    """Sustained matmul/conv throughput in FLOP/s for the model's dtype."""
+    bytes_per_s: float = 5e9
+    """Sustained memory bandwidth in bytes/s (prices pointwise ops by bytes moved)."""
+    host_link_bytes_per_s: float = 0.0
+    """Device-to-host copy bandwidth in bytes/s; 0 means offload is impossible."""
+    op_overhead_s: float = 5e-6
+    """Fixed cost of launching one operator."""
+
+    def __post_init__(self) -> None:
+        if self.type not in ("cpu", "cuda"):
+            raise ValueError(f"DeviceSpec.type must be 'cpu' or 'cuda', got {self.type!r}")
+        for name in ("flops_per_s", "bytes_per_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"DeviceSpec.{name} must be a positive finite number, got {value!r}"
+                )
+        for name in ("host_link_bytes_per_s", "op_overhead_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"DeviceSpec.{name} must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def preset(cls, device: str | torch.device) -> DeviceSpec:
+        """Fixed numbers for a device type: a 2-core x86 CPU, or an H100-class GPU.
+
+        Presets keep plans deterministic across runs and ranks; use :meth:`calibrate` to
+        measure the machine instead.
+        """
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return cls(
+                type="cuda",
+                flops_per_s=400e12,
+                bytes_per_s=3.0e12,
+                host_link_bytes_per_s=50e9,
+                op_overhead_s=5e-6,
+            )
+        if kind in ("cpu", "meta"):
+            return cls(type="cpu")
+        raise ValueError(f"no DeviceSpec preset for device type {kind!r}; pass DeviceSpec(...)")
+
+    @classmethod
+    def calibrate(cls, device: str | torch.device = "cpu") -> DeviceSpec:
+        """Measure matmul throughput, memory bandwidth and host-link bandwidth on ``device``."""
+        dev = torch.device(device)
+
+        def seconds(fn: object, repeats: int = 5) -> float:
+            assert callable(fn)
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return (time.perf_counter() - start) / repeats
+
+        n = 1024 if dev.type == "cpu" else 4096
+        a = torch.randn(n, n, device=dev)
+        flops = 2 * n**3 / seconds(lambda: a @ a)
+        x = torch.randn(8 << 20, device=dev)
+        bandwidth = 2 * x.numel() * 4 / seconds(lambda: x.mul_(1.0))
+        link = 0.0
+        if dev.type == "cuda":
+            host = torch.empty_like(x, device="cpu").pin_memory()
+            link = x.numel() * 4 / seconds(lambda: host.copy_(x, non_blocking=True))
+        small = torch.randn(8, device=dev)
+        overhead = seconds(lambda: small.add_(1.0), repeats=200)
+        return cls(
+            type="cuda" if dev.type == "cuda" else "cpu",
+            flops_per_s=flops,
+            bytes_per_s=bandwidth,
+            host_link_bytes_per_s=link,
+            op_overhead_s=overhead,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """Everything the planner may do, and what it knows about the target.
+
+    Example:
+        >>> PlanConfig(allow_offload=False).allow_recompute
+        True
+    """
+
+    allow_recompute: bool = True
+    """Recompute activations in backward instead of keeping them."""
+    allow_offload: bool | None = None
+    """Offload activations to host memory. None: only when the target is a GPU."""
+    device: DeviceSpec | None = None
+    """Target device cost numbers. None: the preset for the model's device."""
+    layers: str | None = None
+    """Module path of the model's repeated layers (e.g. ``"transformer.h"``); None: detected."""
+    num_lambda_points: int = 24
+    """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
+
+    def __post_init__(self) -> None:
+        for name in ("allow_recompute",):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PlanConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.allow_offload is not None and not isinstance(self.allow_offload, bool):
+            raise TypeError(
+                f"PlanConfig.allow_offload must be a bool or None, got {self.allow_offload!r}"
+            )
+        if self.device is not None and not isinstance(self.device, DeviceSpec):
+            raise TypeError(
+                f"PlanConfig.device must be a DeviceSpec, got {type(self.device).__name__}"
+            )
+        if self.layers is not None and not (isinstance(self.layers, str) and self.layers):
+            raise ValueError(
+                f"PlanConfig.layers must be a module path like 'blocks', got {self.layers!r}"
+            )
+        if not (isinstance(self.num_lambda_points, int) and 2 <= self.num_lambda_points <= 256):
+            raise ValueError(
+                f"PlanConfig.num_lambda_points must be an int in [2, 256], got {self.num_lambda_points!r}"
+            )
+
+    def device_for(self, device: torch.device) -> DeviceSpec:
+        """The DeviceSpec to plan with for a model living on ``device``."""
+        return self.device if self.device is not None else DeviceSpec.preset(device)
+
+    def offload_allowed(self, spec: DeviceSpec) -> bool:
+        """Whether the planner may offload on ``spec``."""
+        if self.allow_offload is None:
+            return spec.type == "cuda" and spec.host_link_bytes_per_s > 0
+        return self.allow_offload and spec.host_link_bytes_per_s > 0

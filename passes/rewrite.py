@@ -1,0 +1,184 @@
+"""Stage 4 of the pipeline: turn a joint graph and a keep/recompute decision into the forward
+and backward graphs that run.
+
+Every forward value backward needs is either kept (an output of the forward graph) or recomputed:
+a copy of its producer is inserted into backward just before its first use, so recompute
+happens layer by layer as backward reaches it, never all at once. A recomputed random op (dropout)
+runs in forward under ``run_and_save_rng_state`` and is replayed in backward with
+``run_with_rng_state``, so its mask is bitwise identical. This is the only pass that mutates a
+graph. Reads ``val`` and ``partitioner_tag``; writes ``partitioner_tag`` on the nodes it adds.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Collection
+from typing import Any
+
+import torch.fx as fx
+from torch._functorch.partitioners import _extract_fwd_bwd_modules
+from torch._guards import detect_fake_mode
+from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+from torch.utils._ordered_set import OrderedSet
+from torch.utils._pytree import tree_map
+
+from passes.meta import PARTITIONER_TAG, VAL, is_forward, is_random, node_val
+from passes.trace import JointGraph
+
+__all__ = ["recompute_closure", "rewrite_pass"]
+
+
+def _is_forward_op(node: fx.Node) -> bool:
+    """A forward computation (never a placeholder: inputs and parameters are always resident)."""
+    return node.op == "call_function" and is_forward(node)
+
+
+def recompute_closure(jg: JointGraph, saved: Collection[fx.Node]) -> list[fx.Node]:
+    """Forward nodes backward must recompute when exactly ``saved`` is kept, in recompute order."""
+    saved_set = set(saved)
+    done: set[fx.Node] = set()
+    order: list[fx.Node] = []
+
+    def need(node: fx.Node) -> None:
+        for a in node.all_input_nodes:
+            if _is_forward_op(a) and a not in saved_set and a not in done:
+                need(a)
+        done.add(node)
+        order.append(node)
+
+    for b in jg.backward:
+        for a in b.all_input_nodes:
+            if _is_forward_op(a) and a not in saved_set and a not in done:
+                need(a)
+    return order
+
+
+def _fake_val(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    vals = tree_map(lambda a: node_val(a) if isinstance(a, fx.Node) else a, (args, kwargs))
+    fake_mode = detect_fake_mode(vals)
+    assert fake_mode is not None, "joint graph nodes carry fake tensors"
+    with fake_mode:
+        return target(*vals[0], **vals[1])
+
+
+def _tag(node: fx.Node, tag: str, val: Any) -> fx.Node:
+    node.meta[PARTITIONER_TAG] = tag
+    node.meta[VAL] = val
+    return node
+
+
+def _save_rng_state(graph: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Replace random ``node`` in forward by one that also returns the generator state it used.
+
+    Returns ``(state, output)`` nodes; ``node`` itself is erased.
+    """
+    args, kwargs = (node.target, *node.args), dict(node.kwargs)
+    with graph.inserting_before(node):
+        pair = graph.call_function(run_and_save_rng_state, args, kwargs)
+        _tag(pair, "is_forward", _fake_val(run_and_save_rng_state, args, kwargs))
+        state = _tag(graph.call_function(operator.getitem, (pair, 0)), "is_forward", None)
+        out = _tag(graph.call_function(operator.getitem, (pair, 1)), "is_forward", None)
+    state.meta[VAL], out.meta[VAL] = node_val(pair)
+    out.meta.update({k: v for k, v in node.meta.items() if k not in (VAL, PARTITIONER_TAG)})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return state, out
+
+
+def _clone_into_backward(
+    jg: JointGraph,
+    saved: set[fx.Node],
+    recompute: set[fx.Node],
+    replay: dict[fx.Node, tuple[fx.Node, Any, tuple[Any, ...], dict[str, Any]]],
+) -> None:
+    """Insert recompute copies before their first backward consumer and rewire consumers.
+
+    A recomputed tuple-returning op has all its needed outputs extracted right after it runs,
+    so the tuple (which keeps every output alive) dies at once.
+    """
+    graph = jg.gm.graph
+    copies: dict[fx.Node, fx.Node] = {}
+
+    def mapped(a: Any) -> Any:
+        return copies.get(a, a) if isinstance(a, fx.Node) else a
+
+    def ensure(node: fx.Node, before: fx.Node) -> fx.Node:
+        if node in copies:
+            return copies[node]
+        if node in replay:
+            state, target, args, kwargs = replay[node]
+            sources = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Node)]
+        else:
+            sources = node.all_input_nodes
+        for a in sources:
+            if _is_forward_op(a) and a not in saved:
+                ensure(a, before)
+        with graph.inserting_before(before):
+            if node in replay:
+                new = graph.call_function(
+                    run_with_rng_state,
+                    (state, target, *tree_map(mapped, args)),
+                    tree_map(mapped, kwargs),
+                )
+            else:
+                new = graph.node_copy(node, mapped)
+        new.meta = copy.copy(node.meta)
+        new.meta[PARTITIONER_TAG] = "is_backward"
+        copies[node] = new
+        for user in node.users:
+            if user.target is operator.getitem and user in recompute and user not in copies:
+                ensure(user, before)
+        return new
+
+    for b in list(jg.backward):
+        for a in list(b.all_input_nodes):
+            if _is_forward_op(a) and a not in saved:
+                b.replace_input_with(a, ensure(a, b))
+
+
+def rewrite_pass(
+    jg: JointGraph, saved: Collection[fx.Node]
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Build the forward and backward graph modules that keep exactly ``saved``.
+
+    Args:
+        jg: the joint graph (mutated: recompute copies and RNG nodes are added).
+        saved: forward nodes whose outputs backward reads directly; every other forward value
+            backward needs is recomputed in backward just before its first use.
+
+    Returns:
+        ``(forward_gm, backward_gm)`` as AOTAutograd's ``partition_fn`` returns them.
+
+    Example:
+        >>> # inside a partition function: fw, bw = rewrite_pass(jg, saved_nodes)
+    """
+    graph = jg.gm.graph
+    saved_set = set(saved)
+    recompute = recompute_closure(jg, saved_set)
+    replay: dict[fx.Node, tuple[fx.Node, Any, tuple[Any, ...], dict[str, Any]]] = {}
+    states: list[fx.Node] = []
+    for node in recompute:
+        if is_random(node):
+            target, args, kwargs = node.target, node.args, dict(node.kwargs)
+            state, out = _save_rng_state(graph, node)
+            replay[out] = (state, target, args, kwargs)
+            states.append(state)
+    jg.refresh()
+    _clone_into_backward(jg, saved_set, set(recompute) | set(replay), replay)
+    graph.lint()
+    jg.gm.recompile()
+    jg.refresh()
+    bw_reads = {a for b in jg.backward for a in b.all_input_nodes}
+    saved_values = [n for n in jg.primals if n in bw_reads]
+    saved_values += [n for n in jg.forward if n in bw_reads]
+    saved_values += [s for s in states if s not in saved_values]
+    static = jg.partition_kwargs.get("static_lifetime_input_indices") or []
+    static_nodes = OrderedSet(p for i, p in enumerate(jg.primals) if i in static)
+    return _extract_fwd_bwd_modules(
+        jg.gm,
+        saved_values,
+        [],
+        num_fwd_outputs=jg.num_fwd_outputs,
+        static_lifetime_input_nodes=static_nodes,
+    )

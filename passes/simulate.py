@@ -1,0 +1,235 @@
+"""Peak-memory simulator of one training step, used by the planner to check every candidate.
+
+It replays what the rewriter builds: the forward graph in order, then the backward graph with
+each recomputed value inserted just before its first use, every storage freed after its last
+use (views share their base's storage), parameters and inputs resident throughout, gradients
+kept from creation to the end. Pure data in, numbers out; no graph is touched.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from passes.cost import NodeCost
+from passes.meta import is_view
+from passes.trace import JointGraph
+
+__all__ = ["Simulation", "StepGraph", "simulate"]
+
+PRIMAL, FORWARD, TANGENT, BACKWARD = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class StepGraph:
+    """An integer-indexed copy of a joint graph: what the simulator and planner iterate over."""
+
+    nodes: list[fx.Node]
+    kind: list[int]
+    inputs: list[tuple[int, ...]]
+    base: list[int]
+    """Index of the node whose storage this node's output lives in (itself unless a view)."""
+    outputs: list[tuple[int, ...]]
+    """For a tuple-returning op, its getitem nodes: their storages are born when the op runs."""
+    nbytes: list[int]
+    seconds: list[float]
+    flops: list[int]
+    random: list[bool]
+    forward: list[int]
+    backward: list[int]
+    fwd_outputs: list[int]
+    bwd_outputs: list[int]
+    rng_state_bytes: int
+
+    @classmethod
+    def build(
+        cls, jg: JointGraph, costs: dict[fx.Node, NodeCost], rng_state_bytes: int
+    ) -> StepGraph:
+        """Index ``jg``'s primals, forward, tangents and backward, with their costs."""
+        ordered = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
+        index = {n: i for i, n in enumerate(ordered)}
+        kinds = (
+            [PRIMAL] * len(jg.primals)
+            + [FORWARD] * len(jg.forward)
+            + [TANGENT] * len(jg.tangents)
+            + [BACKWARD] * len(jg.backward)
+        )
+        inputs = [tuple(index[a] for a in n.all_input_nodes if a in index) for n in ordered]
+        base = list(range(len(ordered)))
+        for i, n in enumerate(ordered):
+            if is_view(n) and inputs[i]:
+                base[i] = base[inputs[i][0]]
+        outputs: list[list[int]] = [[] for _ in ordered]
+        for i, n in enumerate(ordered):
+            if n.target is operator.getitem and base[i] == i and inputs[i]:
+                outputs[inputs[i][0]].append(i)
+        zero = NodeCost(0, 0, 0.0, False)
+        cost = [costs.get(n, zero) for n in ordered]
+        return cls(
+            nodes=ordered,
+            kind=kinds,
+            inputs=inputs,
+            base=base,
+            outputs=[tuple(o) for o in outputs],
+            nbytes=[c.out_bytes for c in cost],
+            seconds=[c.seconds for c in cost],
+            flops=[c.flops for c in cost],
+            random=[c.random for c in cost],
+            forward=[index[n] for n in jg.forward],
+            backward=[index[n] for n in jg.backward],
+            fwd_outputs=[index[n] for n in jg.fwd_outputs if n in index],
+            bwd_outputs=[index[n] for n in jg.bwd_outputs if n in index],
+            rng_state_bytes=rng_state_bytes,
+        )
+
+    def index_of(self) -> dict[fx.Node, int]:
+        """Map from node to its index."""
+        return {n: i for i, n in enumerate(self.nodes)}
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """Result of simulating one step under a set of saved values."""
+
+    peak_bytes: int
+    forward_peak_bytes: int
+    saved_bytes: int
+    recomputed: list[int]
+    """Forward node indices recomputed in backward, in the order they are recomputed."""
+    recompute_seconds: float
+    recompute_flops: int
+    timeline: list[int] | None
+
+
+def _backward_schedule(sg: StepGraph, saved: Collection[int]) -> tuple[list[int], list[int]]:
+    """Backward execution order: each backward node preceded by the recompute it first needs.
+
+    Recomputed values are encoded as ``-1 - index`` so they differ from the originals.
+    """
+    order: list[int] = []
+    recomputed: list[int] = []
+    done: set[int] = set()
+    kind = sg.kind
+
+    def need(v: int) -> None:
+        stack = [(v, False)]
+        while stack:
+            u, expanded = stack.pop()
+            if u in done:
+                continue
+            if expanded:
+                done.add(u)
+                order.append(-1 - u)
+                recomputed.append(u)
+                continue
+            stack.append((u, True))
+            for a in sg.inputs[u]:
+                if kind[a] == FORWARD and a not in saved and a not in done:
+                    stack.append((a, False))
+
+    for b in sg.backward:
+        for a in sg.inputs[b]:
+            if kind[a] == FORWARD and a not in saved:
+                need(a)
+        order.append(b)
+    return order, recomputed
+
+
+def _forward_needed(sg: StepGraph, saved: Collection[int]) -> list[int]:
+    live = set(sg.fwd_outputs) | set(saved)
+    for v in reversed(sg.forward):
+        if v in live:
+            live.update(sg.inputs[v])
+    return [v for v in sg.forward if v in live]
+
+
+def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -> Simulation:
+    """Simulate the memory of one forward+backward step when exactly ``saved`` is kept.
+
+    Every forward value that backward reads and that is not in ``saved`` is recomputed.
+
+    Args:
+        sg: the indexed joint graph.
+        saved: indices of forward nodes whose outputs are kept for backward.
+        timeline: also return the live bytes after every executed node.
+
+    Returns:
+        The step's peak, the forward's peak, the bytes kept for backward, and the recompute.
+    """
+    saved = set(saved)
+    fwd = _forward_needed(sg, saved)
+    bwd, recomputed = _backward_schedule(sg, saved)
+    schedule = fwd + bwd
+    kind = sg.kind
+    # Storage each value lives in, resolved as the schedule runs: a view lives in the storage
+    # of the input it was made from, a recomputed copy (key -1 - v) in a new storage.
+    in_fwd: dict[int, int] = {}
+    in_bwd: dict[int, int] = {}
+
+    def read(a: int, backward: bool) -> int:
+        if kind[a] in (PRIMAL, TANGENT):
+            return sg.base[a]
+        if backward and (kind[a] == BACKWARD or a not in saved):
+            return in_bwd[a]
+        return in_fwd[a]
+
+    birth: dict[int, int] = {}
+    death: dict[int, int] = {}
+    for t, e in enumerate(schedule):
+        backward = t >= len(fwd)
+        v = -1 - e if e < 0 else e
+        own = e if e >= 0 else -1 - v
+        k = read(sg.inputs[v][0], backward) if sg.base[v] != v else own
+        (in_bwd if backward else in_fwd)[v] = k
+        for g in (v, *sg.outputs[v]):
+            kg = k if g == v else (g if e >= 0 else -1 - g)
+            birth.setdefault(kg, t)
+            death[kg] = max(death.get(kg, t), t)
+        for a in sg.inputs[v]:
+            ka = read(a, backward)
+            death[ka] = max(death.get(ka, t), t)
+    base = {**{v: k for v, k in in_fwd.items()}, **in_bwd}
+    for v, k in enumerate(kind):  # gradients of the outputs arrive when backward starts
+        if k == TANGENT:
+            birth.setdefault(v, len(fwd))
+            death.setdefault(v, len(fwd))
+    for v in sg.fwd_outputs:
+        death[in_fwd.get(v, sg.base[v])] = len(schedule)
+    for v in sg.bwd_outputs:
+        death[base.get(v, sg.base[v])] = len(schedule)
+    for v in saved:  # held by autograd from the end of forward until backward reads it
+        k = in_fwd[v]
+        death[k] = max(death[k], len(fwd))
+
+    rng_bytes = sg.rng_state_bytes * sum(1 for v in recomputed if sg.random[v])
+    resident = rng_bytes + sum(
+        sg.nbytes[v] for v in range(len(kind)) if kind[v] == PRIMAL and sg.base[v] == v
+    )
+    delta = [0] * (len(schedule) + 2)
+    for k, t0 in birth.items():
+        size = sg.nbytes[-1 - k] if k < 0 else (0 if kind[k] == PRIMAL else sg.nbytes[k])
+        if size:
+            delta[t0] += size
+            delta[death[k] + 1] -= size
+    live = peak = fwd_peak = resident
+    trace: list[int] | None = [] if timeline else None
+    for t in range(len(schedule)):
+        live += delta[t]
+        peak = max(peak, live)
+        if t < len(fwd):
+            fwd_peak = peak
+        if trace is not None:
+            trace.append(live)
+    kept = {in_fwd[v] for v in saved if in_fwd[v] >= 0 and kind[in_fwd[v]] == FORWARD}
+    return Simulation(
+        peak_bytes=peak,
+        forward_peak_bytes=fwd_peak,
+        saved_bytes=sum(sg.nbytes[b] for b in kept) + rng_bytes,
+        recomputed=recomputed,
+        recompute_seconds=sum(sg.seconds[v] for v in recomputed),
+        recompute_flops=sum(sg.flops[v] for v in recomputed),
+        timeline=trace,
+    )

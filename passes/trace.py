@@ -1,0 +1,207 @@
+"""Stage 1 of the pipeline: capture a model's joint forward+backward graph.
+
+Dynamo captures the model (it handles third-party model code that ``fx.symbolic_trace`` and
+``torch.export`` reject, see DESIGN.md), and AOTAutograd turns the captured graph into one joint
+ATen graph. ``joint_backend`` hands that joint graph to a callback that returns the forward and
+backward graphs to run: the place where the planner and the rewriter act.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import _extract_fwd_bwd_outputs, default_partition
+
+from graphckpt.errors import TraceError
+from passes.meta import is_backward, is_forward
+
+__all__ = [
+    "JointGraph",
+    "Partitioner",
+    "capture_joint_graphs",
+    "dynamo_settings",
+    "joint_backend",
+]
+
+
+@dataclass(eq=False)
+class JointGraph:
+    """AOTAutograd's joint forward+backward graph of one captured (sub)graph, with its roles.
+
+    ``primals`` are the graph's inputs in forward (parameters, buffers, user inputs),
+    ``tangents`` the incoming gradients of its outputs, ``forward`` and ``backward`` the compute
+    nodes of each pass in graph order. ``index`` numbers the subgraphs Dynamo produced.
+    """
+
+    gm: fx.GraphModule
+    num_fwd_outputs: int
+    partition_kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    primals: list[fx.Node] = field(init=False)
+    tangents: list[fx.Node] = field(init=False)
+    forward: list[fx.Node] = field(init=False)
+    backward: list[fx.Node] = field(init=False)
+    fwd_outputs: list[fx.Node] = field(init=False)
+    bwd_outputs: list[fx.Node] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the role lists after the graph was edited."""
+        nodes = list(self.gm.graph.nodes)
+        self.primals = [n for n in nodes if n.op == "placeholder" and "tangents" not in n.name]
+        self.tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
+        compute = [n for n in nodes if n.op in ("call_function", "get_attr")]
+        self.forward = [n for n in compute if is_forward(n)]
+        self.backward = [n for n in compute if is_backward(n) or not is_forward(n)]
+        fwd_out, bwd_out, _, _ = _extract_fwd_bwd_outputs(
+            self.gm, num_fwd_outputs=self.num_fwd_outputs
+        )
+        self.fwd_outputs = [n for n in fwd_out if isinstance(n, fx.Node)]
+        self.bwd_outputs = [n for n in bwd_out if isinstance(n, fx.Node)]
+
+
+Partitioner = Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]]
+Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+
+
+def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Run a graph as its generated Python code, freeing each input after its last use.
+
+    AOTAutograd keeps calling ``gm`` with its normal convention, so the boxed convention (one
+    list argument, cleared on entry, so inputs die at their last use) goes on a copy.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph.set_codegen(fx.graph._BoxedCodeGen())
+    boxed = fx.GraphModule(gm, graph)
+    forward = boxed.forward
+
+    def run(args: list[Any]) -> Any:
+        return forward(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def joint_backend(
+    partitioner: Partitioner,
+    compiler: Compiler | None = None,
+) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
+    """A Dynamo backend that calls ``partitioner`` on each joint graph AOTAutograd builds.
+
+    Args:
+        partitioner: gets the :class:`JointGraph`, returns ``(forward_gm, backward_gm)``.
+        compiler: compiles the forward and backward graphs; runs them eagerly when None.
+
+    Returns:
+        A callable ``(gm, example_inputs) -> compiled`` to pass as ``torch.compile(backend=)``.
+
+    Example:
+        >>> from torch._functorch.partitioners import default_partition
+        >>> def keep_all(jg):
+        ...     return default_partition(jg.gm, None, num_fwd_outputs=jg.num_fwd_outputs)
+        >>> f = torch.compile(torch.nn.Linear(4, 4), backend=joint_backend(keep_all))
+        >>> f(torch.randn(2, 4)).sum().backward()
+    """
+    compile_fn = compiler or _eager_compiler
+    counter = iter(range(1 << 30))
+
+    def partition_fn(joint: fx.GraphModule, _inputs: Any, **kwargs: Any) -> Any:
+        num_fwd_outputs = kwargs.pop("num_fwd_outputs")
+        jg = JointGraph(joint, num_fwd_outputs, kwargs, index=next(counter))
+        return partitioner(jg)
+
+    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=compile_fn,
+            bw_compiler=compile_fn,
+            inference_compiler=compile_fn,
+            partition_fn=partition_fn,
+        )
+
+    return backend
+
+
+@contextlib.contextmanager
+def dynamo_settings() -> Iterator[None]:
+    """Dynamo settings graphckpt needs, scoped to the call: static shapes (a new shape gets a new
+    plan) and an error, never a silent eager fallback, when recompiles run out."""
+    with torch._dynamo.config.patch(
+        automatic_dynamic_shapes=False,
+        recompile_limit=64,
+        fail_on_recompile_limit_hit=True,
+    ):
+        yield
+
+
+def describe_trace_failure(model: torch.nn.Module, error: BaseException) -> TraceError:
+    """Turn a Dynamo/AOTAutograd failure into a TraceError that names the module and the op."""
+    detail = str(error).strip()
+    return TraceError(
+        f"graphckpt could not capture {type(model).__name__} as a single graph, so it cannot plan "
+        f"it under a budget (it never falls back to running without a plan).\n{detail}\n"
+        "Make the operation traceable (avoid data-dependent Python control flow, .item(), "
+        "or printing inside forward), or apply graphckpt to the submodules around it."
+    )
+
+
+def capture_joint_graphs(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+) -> list[JointGraph]:
+    """Capture the joint graphs of one training call of ``model``, without planning anything.
+
+    Runs ``model(*args, **kwargs)`` once through Dynamo and AOTAutograd (the forward executes;
+    with meta-device parameters and inputs nothing is computed). The model is not modified.
+
+    Args:
+        model: the module to capture.
+        args: positional inputs of one call.
+        kwargs: keyword inputs of one call.
+
+    Returns:
+        One :class:`JointGraph` (a model Dynamo captures without graph breaks).
+
+    Raises:
+        TraceError: Dynamo or AOTAutograd could not capture the model as one graph.
+
+    Example:
+        >>> graphs = capture_joint_graphs(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+        >>> len(graphs[0].forward) > 0
+        True
+    """
+    captured: list[JointGraph] = []
+
+    def record(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
+        captured.append(jg)
+        return default_partition(
+            jg.gm, None, num_fwd_outputs=jg.num_fwd_outputs, **jg.partition_kwargs
+        )
+
+    compiled = torch.compile(
+        functools.partial(_call_module, model), backend=joint_backend(record), fullgraph=True
+    )
+    try:
+        with dynamo_settings():
+            compiled(*args, **(kwargs or {}))
+    except Exception as e:  # Dynamo raises many types; all mean "not capturable"
+        raise describe_trace_failure(model, e) from e
+    finally:
+        torch._dynamo.reset()
+    return captured
+
+
+def _call_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
