@@ -107,6 +107,9 @@ class _Region:
         self.saved = SavedInputs(self.owner._storage, self.inputs.tensors)
         if self.owner.config.release_inputs:
             self.saved.release_sources(self.inputs.tensors)
+        # From here on only the saved copies are held: an offloaded or partitioned input is
+        # freed as soon as the caller drops it.
+        self.inputs.tensors = []
         self.owner._register(self)
 
     def backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:

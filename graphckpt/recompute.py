@@ -68,13 +68,26 @@ class AutocastState:
 
 
 def module_roots(function: Callable[..., Any], leaves: Iterable[object]) -> list[torch.nn.Module]:
-    """The modules a region can be seen to run: the function itself when it is a module, the
-    module of a bound method, modules a closure or ``functools.partial`` holds, and modules
-    passed as arguments. A plain function that reaches a module through a global is not seen.
+    """The modules a region can be seen to run.
+
+    Those are: the function itself when it is a module, the module of a bound method, modules
+    that a closure, a default argument or a ``functools.partial`` holds, modules named as
+    globals in the function's code, and modules passed as arguments. A module reached some
+    other way (an attribute of a non-module object, a global read by a helper function) is
+    not seen; pass it as an argument, or checkpoint a module or bound method instead.
+
+    Args:
+        function: the region's function.
+        leaves: the region's flattened arguments.
+
+    Returns:
+        The distinct modules found (their submodules are not listed separately).
 
     Example:
+        >>> def make(bn):
+        ...     return lambda x: bn(x)
         >>> bn = torch.nn.BatchNorm1d(4)
-        >>> module_roots(lambda x: bn(x), []) == [bn]
+        >>> module_roots(make(bn), []) == [bn]
         True
     """
     candidates: list[object] = list(leaves)
@@ -96,6 +109,9 @@ def module_roots(function: Callable[..., Any], leaves: Iterable[object]) -> list
             with contextlib.suppress(ValueError):  # an empty cell
                 todo.append(cell.cell_contents)
         candidates.extend(getattr(f, "__defaults__", None) or ())
+        code, globals_ = getattr(f, "__code__", None), getattr(f, "__globals__", None)
+        if code is not None and isinstance(globals_, dict):
+            candidates.extend(globals_.get(name) for name in code.co_names)
     roots: list[torch.nn.Module] = []
     for obj in candidates:
         if isinstance(obj, torch.nn.Module) and all(obj is not r for r in roots):

@@ -4,6 +4,7 @@ checkpoints that save into them give the gradients of the plain call."""
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -106,3 +107,14 @@ def test_reset_lets_forwards_without_backward_reuse_the_rows() -> None:
     z.sum().backward()
     with pytest.raises(GraphCkptError, match="reclaimed"):
         y.sum().backward()
+
+
+def test_region_keeps_no_reference_to_a_buffered_input() -> None:
+    ckpt = Checkpointer(CheckpointConfig(contiguous_memory_optimization=True, number_checkpoints=1))
+    x = torch.randn(2, 4, requires_grad=True)
+    hidden = x * 2
+    alive = weakref.ref(hidden)
+    y = ckpt(nn.Linear(4, 4), hidden)
+    del hidden
+    assert alive() is None  # only the buffer row holds its values
+    y.sum().backward()

@@ -368,3 +368,29 @@ def test_bad_arguments() -> None:
         Checkpointer({"profile": True})  # type: ignore[arg-type]
     with pytest.warns(UserWarning, match="no process group"):
         Checkpointer(CheckpointConfig(partition_activations=True))
+
+
+def test_synchronize_checkpoint_boundary_syncs_cuda_regions_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    ckpt = Checkpointer(CheckpointConfig(synchronize_checkpoint_boundary=True))
+    with ckpt._phase(nn.ReLU(), "forward", torch.device("cuda", 0)):
+        assert len(calls) == 1
+    assert calls == [torch.device("cuda", 0)] * 2
+    y = ckpt(OneInput(), _x())
+    y.sum().backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dropout_on_cuda_replays_the_cuda_rng_state() -> None:
+    module = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Dropout(0.5)).cuda()
+    x = torch.randn(4, HIDDEN, device="cuda", requires_grad=True)
+    ckpt = Checkpointer(CheckpointConfig(synchronize_checkpoint_boundary=True))
+    torch.cuda.manual_seed(3)
+    want = _step(lambda f, *a: f(*a), module, (x,), {})
+    torch.cuda.manual_seed(3)
+    got = _step(ckpt, module, (x,), {})
+    _assert_same(got, want)

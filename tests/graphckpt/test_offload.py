@@ -3,6 +3,8 @@ cpu_checkpointing=True give the gradients of the plain call."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,17 @@ def test_backward_of_a_region_prefetches_the_region_before_it() -> None:
 @cuda
 def test_backward_of_a_region_prefetches_the_region_before_it_on_cuda() -> None:
     _prefetch_order("cuda")
+
+
+@pytest.mark.parametrize("non_reentrant", [False, True])
+def test_region_keeps_no_reference_to_an_offloaded_input(non_reentrant: bool) -> None:
+    ckpt = Checkpointer(CheckpointConfig(cpu_checkpointing=True))
+    layer = nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    hidden = x * 2
+    alive = weakref.ref(hidden)
+    y = ckpt.non_reentrant(layer, hidden) if non_reentrant else ckpt(layer, hidden)
+    del hidden
+    assert alive() is None  # only the host copy is left
+    y.sum().backward()
+    assert x.grad is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -78,6 +80,14 @@ def _partitioned_saves(rank: int) -> None:
     assert whole_bytes == 2 * (335 * 4 + 67 + 67 * 4)
     assert part_bytes == 2 * (168 * 4 + 67 + 67 * 4)
     assert 0.45 < 168 * 4 / (335 * 4) < 0.55
+
+    # The region holds only the slice: the whole input is freed once the caller drops it.
+    hidden = x * 1
+    alive = weakref.ref(hidden)
+    y = partitioned(block, hidden, torch.zeros(67, dtype=torch.bool), torch.zeros(67))
+    del hidden
+    assert alive() is None
+    del y
 
     both = CheckpointConfig(partition_activations=True, cpu_checkpointing=True)
     offloaded = Checkpointer(both, group)

@@ -55,3 +55,14 @@ def test_autocast_state_is_captured_and_applied() -> None:
     off = AutocastState.capture()
     with torch.autocast("cpu", dtype=torch.bfloat16), off.apply():
         assert not torch.is_autocast_enabled("cpu")
+
+
+GLOBAL_BN = nn.BatchNorm1d(2)
+
+
+def _reads_a_global(x: torch.Tensor) -> torch.Tensor:
+    return GLOBAL_BN(x)
+
+
+def test_module_roots_sees_modules_named_as_globals() -> None:
+    assert module_roots(_reads_a_global, []) == [GLOBAL_BN]
