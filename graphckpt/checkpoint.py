@@ -294,10 +294,12 @@ class Checkpointer:
         return self.profiler.table()
 
     def reset(self) -> None:
-        """Frees all contiguous buffer rows, for forwards that will have no backward (eval)."""
+        """Frees all contiguous buffer rows, for forwards that will have no backward (eval).
+
+        A region that still holds a row and runs backward later fails with a clear error.
+        """
         if self._storage.buffers is not None:
             self._storage.buffers.reset()
-        self._pending = {}
 
     def _register(self, region: _Region) -> None:
         assert region.saved is not None

@@ -47,7 +47,18 @@ class PartitionedTensor:
 
 
 def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """Returns this process's rank in ``group`` and the group's size (0, 1 without a group)."""
+    """Returns this process's rank in ``group`` and the group's size.
+
+    Args:
+        group: a process group, or ``None``.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` without a group or without torch.distributed.
+
+    Example:
+        >>> group_rank_and_size(None)
+        (0, 1)
+    """
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -113,6 +124,11 @@ def gather_tensor(part: PartitionedTensor, shard: torch.Tensor | None = None) ->
 
     Returns:
         A new tensor of ``part.shape`` on the shard's device.
+
+    Example:
+        >>> part = partition_tensor(torch.ones(2, 3), None)
+        >>> gather_tensor(part, part.shard * 2).tolist()
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
     local = part.shard if shard is None else shard
     if part.world_size == 1:

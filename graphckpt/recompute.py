@@ -126,6 +126,16 @@ def frozen_running_stats(roots: Iterable[torch.nn.Module]) -> Iterator[None]:
     A recompute runs a training-mode BatchNorm a second time; without this its running mean,
     variance and batch count would be updated twice per step. The copies are swapped in rather
     than the originals restored in place, because autograd saved the originals' versions.
+
+    Args:
+        roots: modules whose BatchNorm submodules (training mode) are protected.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with frozen_running_stats([bn]):
+        ...     _ = bn(torch.randn(4, 2))
+        >>> int(bn.num_batches_tracked)
+        0
     """
     swapped: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
     seen: set[int] = set()

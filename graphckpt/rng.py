@@ -150,7 +150,19 @@ class RNGStatesTracker:
 
 
 def tensor_parallel_seed(seed: int, tp_rank: int) -> int:
-    """Returns the seed of the tensor-parallel state of ``tp_rank`` (Megatron's convention)."""
+    """Returns the seed of the tensor-parallel state of ``tp_rank`` (Megatron's convention).
+
+    Args:
+        seed: the base seed.
+        tp_rank: the tensor-parallel rank.
+
+    Returns:
+        ``seed + 2718 + tp_rank``.
+
+    Example:
+        >>> tensor_parallel_seed(1234, 1)
+        3953
+    """
     return seed + _TP_SEED_OFFSET + tp_rank
 
 

@@ -79,6 +79,9 @@ def check_not_released(tensor: torch.Tensor, where: str) -> None:
 
     Raises:
         GraphCkptError: (a RuntimeError) the tensor's data was released.
+
+    Example:
+        >>> check_not_released(torch.ones(2), "args[0]")  # an ordinary tensor passes
     """
     how = getattr(tensor, RELEASED_ATTR, None)
     if how is not None:

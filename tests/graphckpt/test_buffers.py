@@ -3,7 +3,9 @@ checkpoints that save into them give the gradients of the plain call."""
 
 from __future__ import annotations
 
+import doctest
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -118,3 +120,9 @@ def test_region_keeps_no_reference_to_a_buffered_input() -> None:
     del hidden
     assert alive() is None  # only the buffer row holds its values
     y.sum().backward()
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.buffers"))
+    assert result.attempted > 0 and result.failed == 0

@@ -3,6 +3,8 @@ of input and output, under each storage mode of the Checkpointer."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -394,3 +396,9 @@ def test_dropout_on_cuda_replays_the_cuda_rng_state() -> None:
     torch.cuda.manual_seed(3)
     got = _step(ckpt, module, (x,), {})
     _assert_same(got, want)
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.checkpoint"))
+    assert result.attempted > 0 and result.failed == 0

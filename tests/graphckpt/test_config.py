@@ -4,6 +4,8 @@ DeepSpeed config."""
 from __future__ import annotations
 
 import dataclasses
+import doctest
+import importlib
 import json
 from pathlib import Path
 
@@ -106,3 +108,9 @@ def test_from_deepspeed_file_must_hold_an_object(tmp_path: Path) -> None:
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         CheckpointConfig.from_deepspeed(path)
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.config"))
+    assert result.attempted > 0 and result.failed == 0

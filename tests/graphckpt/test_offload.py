@@ -3,6 +3,8 @@ cpu_checkpointing=True give the gradients of the plain call."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import weakref
 
 import pytest
@@ -135,3 +137,9 @@ def test_region_keeps_no_reference_to_an_offloaded_input(non_reentrant: bool) ->
     assert alive() is None  # only the host copy is left
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.offload"))
+    assert result.attempted > 0 and result.failed == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import weakref
 
 import pytest
@@ -98,3 +100,9 @@ def _partitioned_saves(rank: int) -> None:
 @pytest.mark.distributed
 def test_partitioned_saves_on_two_gloo_ranks() -> None:
     run_two_ranks(_partitioned_saves)
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.partition"))
+    assert result.attempted > 0 and result.failed == 0

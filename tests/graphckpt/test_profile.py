@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
 import functools
+import importlib
 import time
 
 import pytest
@@ -63,3 +65,9 @@ def test_checkpointer_profile_table() -> None:
 def test_profile_table_needs_profile_true() -> None:
     with pytest.raises(ValueError, match="profile=True"):
         Checkpointer().profile_table()
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.profile"))
+    assert result.attempted > 0 and result.failed == 0

@@ -3,7 +3,9 @@ kept from a second update, and autocast state replayed."""
 
 from __future__ import annotations
 
+import doctest
 import functools
+import importlib
 
 import torch
 from torch import nn
@@ -66,3 +68,9 @@ def _reads_a_global(x: torch.Tensor) -> torch.Tensor:
 
 def test_module_roots_sees_modules_named_as_globals() -> None:
     assert module_roots(_reads_a_global, []) == [GLOBAL_BN]
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.recompute"))
+    assert result.attempted > 0 and result.failed == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
+
 import pytest
 import torch
 
@@ -103,3 +106,9 @@ def test_tracker_on_cuda() -> None:
     assert torch.equal(torch.cuda.get_rng_state(), before)
     expected = torch.rand(4, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.rng"))
+    assert result.attempted > 0 and result.failed == 0

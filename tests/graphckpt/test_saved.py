@@ -3,6 +3,9 @@ restored."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
+
 import pytest
 import torch
 
@@ -62,3 +65,9 @@ def test_kept_input_modified_in_place_is_detected() -> None:
     x.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         saved.restore()
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.saved"))
+    assert result.attempted > 0 and result.failed == 0

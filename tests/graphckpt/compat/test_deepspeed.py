@@ -3,6 +3,8 @@ unchanged but for its import, with DeepSpeed's names and signatures."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import inspect
 import json
 from collections.abc import Iterator
@@ -206,3 +208,9 @@ def _partition_and_offload(rank: int) -> None:
 @pytest.mark.distributed
 def test_partition_and_offload_through_compat_on_two_gloo_ranks() -> None:
     run_two_ranks(_partition_and_offload)
+
+
+def test_docstring_examples_run() -> None:
+    # importlib: the package re-exports names that shadow some of its submodules.
+    result = doctest.testmod(importlib.import_module("graphckpt.compat.deepspeed"))
+    assert result.attempted > 0 and result.failed == 0
