@@ -235,6 +235,8 @@ class Checkpointer:
             return self._call_plain(function, inputs, args, kwargs)
         region = _Region(self, function, inputs)
         anchor = [torch.empty(0, requires_grad=True)] if region.needs_anchor() else []
+        if not anchor and not any(t.requires_grad for t in inputs.tensors):
+            return self._call_plain(function, inputs, args, kwargs)  # nothing to backpropagate
         flat = _CheckpointFunction.apply(region, *inputs.tensors, *anchor)
         assert region.out_spec is not None
         return tree_unflatten(list(flat), region.out_spec)

@@ -402,3 +402,10 @@ def test_docstring_examples_run() -> None:
     # importlib: the package re-exports names that shadow some of its submodules.
     result = doctest.testmod(importlib.import_module("graphckpt.checkpoint"))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_region_with_nothing_to_differentiate_saves_nothing() -> None:
+    ckpt = Checkpointer(CheckpointConfig(cpu_checkpointing=True))
+    frozen = OneInput().requires_grad_(False)
+    y = ckpt(frozen, _x(requires_grad=False))
+    assert not y.requires_grad and ckpt.num_pending_regions == 0
