@@ -9,8 +9,11 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+import graphckpt.partition as partition_module
 from graphckpt.checkpoint import Checkpointer
 from graphckpt.config import CheckpointConfig
 from graphckpt.partition import (
@@ -36,6 +39,24 @@ def test_only_large_floating_point_tensors_are_partitioned() -> None:
     assert not should_partition(torch.zeros(big, dtype=torch.bool), 2)
     assert not should_partition(torch.zeros(big, dtype=torch.int64), 2)
     assert not should_partition(torch.zeros(big), 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(1, 300), world=st.integers(2, 5))
+def test_slices_of_all_ranks_tile_the_tensor(numel: int, world: int) -> None:
+    # Each rank's slice, computed as that rank would, concatenated in rank order is the flat
+    # tensor followed by zero padding: what the all-gather in gather_tensor rebuilds.
+    x = torch.randn(numel)
+    shards = []
+    for rank in range(world):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(partition_module, "group_rank_and_size", lambda _g, r=rank: (r, world))
+            part = partition_tensor(x, None)
+        assert part.world_size == world and part.shard.numel() == -(-numel // world)
+        shards.append(part.shard)
+    tiled = torch.cat(shards)
+    assert torch.equal(tiled[:numel], x)
+    assert not tiled[numel:].any()
 
 
 class Block(nn.Module):
