@@ -250,17 +250,18 @@ def test_saved_bytes_count_inputs_until_backward() -> None:
     assert ckpt.saved_bytes() == 0 and ckpt.num_pending_regions == 0
 
 
-def test_dropout_with_same_seed_gives_bitwise_identical_grads() -> None:
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_dropout_with_same_seed_gives_bitwise_identical_grads(mode: str) -> None:
     module = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Dropout(0.5), nn.Linear(HIDDEN, HIDDEN))
     x = _x()
     torch.manual_seed(7)
     want = _step(lambda f, *a: f(*a), module, (x,), {})
     torch.manual_seed(7)
-    got = _step(checkpoint, module, (x,), {})
+    got = _step(_runner(mode), module, (x,), {})
     _assert_same(got, want)
     # The recompute must not move the caller's RNG stream either.
     torch.manual_seed(7)
-    checkpoint(module, x).sum().backward()
+    _runner(mode)(module, x).sum().backward()
     after_ckpt = torch.rand(3)
     torch.manual_seed(7)
     module(x).sum().backward()
@@ -286,15 +287,16 @@ def test_dropout_under_tracker_fork_replays_tracker_state() -> None:
     _assert_same(got, (x.grad, linear.weight.grad))
 
 
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("how", ["module", "closure"])
-def test_batchnorm_running_stats_equal_a_plain_forward(how: str) -> None:
+def test_batchnorm_running_stats_equal_a_plain_forward(mode: str, how: str) -> None:
     bn = nn.BatchNorm1d(HIDDEN)
     plain = nn.BatchNorm1d(HIDDEN)
     plain.load_state_dict(bn.state_dict())
     x = _x()
     function = bn if how == "module" else (lambda t: torch.relu(bn(t)))
     for _ in range(2):
-        checkpoint(function, x).sum().backward()
+        _runner(mode)(function, x).sum().backward()
         plain(x)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn, name), getattr(plain, name), rtol=0, atol=0)
