@@ -5,22 +5,36 @@ top-level ``passes`` package; importing graphckpt does not import them, initiali
 change any torch configuration.
 """
 
+from graphckpt.api import CheckpointedModule, auto_checkpoint, plan
 from graphckpt.checkpoint import Checkpointer, checkpoint, non_reentrant_checkpoint
 from graphckpt.config import CheckpointConfig
 from graphckpt.errors import GraphCkptError, InfeasibleBudgetError, TraceError
+from graphckpt.flops import count_flops, flop_formulas
 from graphckpt.memory import LiveTensorTracker, peak_memory
+from graphckpt.options import DeviceSpec, PlanConfig
+from graphckpt.plan import LayerPlan, Plan, TensorDecision
 from graphckpt.rng import RNGStatesTracker, model_parallel_manual_seed
 
 __all__ = [
     "CheckpointConfig",
+    "CheckpointedModule",
     "Checkpointer",
+    "DeviceSpec",
     "GraphCkptError",
     "InfeasibleBudgetError",
+    "LayerPlan",
     "LiveTensorTracker",
+    "Plan",
+    "PlanConfig",
     "RNGStatesTracker",
+    "TensorDecision",
     "TraceError",
+    "auto_checkpoint",
     "checkpoint",
+    "count_flops",
+    "flop_formulas",
     "model_parallel_manual_seed",
     "non_reentrant_checkpoint",
     "peak_memory",
+    "plan",
 ]

@@ -145,7 +145,8 @@ class PlanConfig:
             )
         if not (isinstance(self.num_lambda_points, int) and 2 <= self.num_lambda_points <= 256):
             raise ValueError(
-                f"PlanConfig.num_lambda_points must be an int in [2, 256], got {self.num_lambda_points!r}"
+                "PlanConfig.num_lambda_points must be an int in [2, 256], "
+                f"got {self.num_lambda_points!r}"
             )
 
     def device_for(self, device: torch.device) -> DeviceSpec:

@@ -159,7 +159,7 @@ def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -
     Returns:
         The step's peak, the forward's peak, the bytes kept for backward, and the recompute.
     """
-    saved = set(saved)
+    saved = {v for v in saved if sg.kind[v] == FORWARD}  # inputs/parameters are resident anyway
     fwd = _forward_needed(sg, saved)
     bwd, recomputed = _backward_schedule(sg, saved)
     schedule = fwd + bwd
@@ -223,7 +223,7 @@ def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -
             fwd_peak = peak
         if trace is not None:
             trace.append(live)
-    kept = {in_fwd[v] for v in saved if in_fwd[v] >= 0 and kind[in_fwd[v]] == FORWARD}
+    kept = {in_fwd[v] for v in saved if kind[in_fwd[v]] == FORWARD}
     return Simulation(
         peak_bytes=peak,
         forward_peak_bytes=fwd_peak,

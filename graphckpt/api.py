@@ -1,0 +1,232 @@
+"""The one verb: ``auto_checkpoint(model, budget_gb)``, and ``plan`` to look without changing.
+
+Both capture the model with Dynamo + AOTAutograd, plan with ``passes`` and (for
+``auto_checkpoint``) run the rewritten forward and backward graphs eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphckpt.errors import GraphCkptError
+from graphckpt.options import PlanConfig
+from graphckpt.plan import Plan
+
+__all__ = ["CheckpointedModule", "auto_checkpoint", "budget_to_bytes", "plan"]
+
+
+def budget_to_bytes(budget_gb: object) -> int:
+    """Validate a budget in GiB and convert it to bytes.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: not positive and finite.
+    """
+    if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)):
+        raise TypeError(f"budget_gb must be a number of GiB, got {type(budget_gb).__name__}")
+    if not math.isfinite(budget_gb) or budget_gb <= 0:
+        raise ValueError(f"budget_gb must be a positive finite number of GiB, got {budget_gb!r}")
+    return int(budget_gb * (1 << 30))
+
+
+def _model_device(model: nn.Module, inputs: Sequence[Any]) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
+
+
+class CheckpointedModule(nn.Module):
+    """``model`` with its training step planned and rewritten to fit a budget.
+
+    It shares the original's parameters, buffers and submodules (same objects, same
+    ``state_dict()`` keys), so optimizers, checkpoints and ``.to()`` work as on the original.
+    Without grad (``torch.no_grad()``, ``inference_mode``) it calls the original directly.
+    """
+
+    def __init__(self, model: nn.Module, budget_bytes: int, config: PlanConfig) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "wrapped", model)
+        object.__setattr__(self, "plans", [])
+        object.__setattr__(self, "budget_bytes", budget_bytes)
+        object.__setattr__(self, "config", config)
+        self.training = model.training
+        object.__setattr__(self, "_compiled", self._make_compiled())
+
+    def _make_compiled(self) -> Any:
+        from passes.pipeline import planning_partitioner
+        from passes.trace import joint_backend
+
+        model = self.wrapped
+        device = _model_device(model, ())
+        partitioner = planning_partitioner(
+            self.budget_bytes, self.config, device, self.plans.append
+        )
+        return torch.compile(
+            functools.partial(_call, model),
+            backend=joint_backend(partitioner),
+            fullgraph=True,
+            dynamic=False,
+        )
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan for the input shapes of the latest training call (None before the first)."""
+        return self.plans[-1] if self.plans else None
+
+    def train(self, mode: bool = True) -> CheckpointedModule:
+        """Set training mode on the wrapped model too (its own forward may read it)."""
+        self.wrapped.train(mode)
+        self.training = mode
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.wrapped, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model: planned and rewritten when grad is enabled, as-is otherwise."""
+        if not torch.is_grad_enabled():
+            return self.wrapped(*args, **kwargs)
+        from passes.trace import describe_trace_failure, dynamo_settings
+
+        try:
+            with dynamo_settings():
+                return self._compiled(*args, **kwargs)
+        except GraphCkptError:
+            raise
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if isinstance(e.inner_exception, GraphCkptError):
+                raise e.inner_exception from None
+            raise describe_trace_failure(self.wrapped, e) from e
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            raise describe_trace_failure(self.wrapped, e) from e
+
+
+def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Plan by running one training forward, leaving buffers and the RNG as they were."""
+    buffers = {name: b.clone() for name, b in wrapped.wrapped.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        with torch.enable_grad():
+            wrapped(*args, **kwargs)
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in wrapped.wrapped.named_buffers():
+                b.copy_(buffers[name])
+
+
+def auto_checkpoint(
+    model: nn.Module,
+    budget_gb: float,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    config: PlanConfig | None = None,
+    **options: Any,
+) -> CheckpointedModule:
+    """Return ``model`` planned so that one training step peaks at most ``budget_gb`` GiB.
+
+    The budget covers parameters, buffers, inputs, gradients, kept and recomputed activations
+    and temporaries of one forward+backward on the model's device (DESIGN.md). Activations are
+    kept or recomputed per tensor to meet it with the least estimated recompute time; dropout
+    and other random ops replay their generator state, so results equal the original's.
+
+    Args:
+        model: the module to train.
+        budget_gb: the budget in GiB (2**30 bytes).
+        example_inputs: positional inputs of one training call: plan now. Without them, the
+            first training call plans (with the same result).
+        example_kwargs: keyword inputs of that call.
+        config: a PlanConfig; or give its fields as keyword ``options``.
+
+    Returns:
+        A CheckpointedModule; its ``.plan`` is the Plan for the latest input shapes. A call with
+        new input shapes plans again.
+
+    Raises:
+        TypeError, ValueError: a bad budget or option.
+        InfeasibleBudgetError: no plan fits (it states the smallest feasible peak).
+        TraceError: the model cannot be captured as one graph (names module and operation).
+
+    Example:
+        >>> from graphckpt.examples import gpt_example
+        >>> model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+        >>> ckpt = auto_checkpoint(model, budget_gb=1.0, example_inputs=inputs)
+        >>> ckpt(*inputs).backward()
+        >>> ckpt.plan.predicted_peak_bytes <= 2**30
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"auto_checkpoint expects an nn.Module, got {type(model).__name__}")
+    budget_bytes = budget_to_bytes(budget_gb)
+    if config is not None and options:
+        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
+    cfg = config if config is not None else PlanConfig(**options)
+    wrapped = CheckpointedModule(model, budget_bytes, cfg)
+    if example_inputs is not None or example_kwargs is not None:
+        _plan_now(wrapped, tuple(example_inputs or ()), dict(example_kwargs or {}))
+    return wrapped
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    budget_gb: float,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    config: PlanConfig | None = None,
+    **options: Any,
+) -> Plan:
+    """Plan ``model`` under ``budget_gb`` and return the Plan, changing nothing.
+
+    Runs one forward to capture the graph (with meta-device parameters and inputs, nothing is
+    computed). Arguments and errors as :func:`auto_checkpoint`.
+
+    Example:
+        >>> from graphckpt.examples import gpt_example
+        >>> model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+        >>> p = plan(model, inputs, budget_gb=1.0)
+        >>> p.predicted_peak_bytes <= p.budget_bytes
+        True
+    """
+    from passes.plan import plan_pass
+    from passes.trace import capture_joint_graphs
+
+    budget_bytes = budget_to_bytes(budget_gb)
+    if config is not None and options:
+        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
+    cfg = config if config is not None else PlanConfig(**options)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        graphs = capture_joint_graphs(model, tuple(example_inputs), example_kwargs)
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    if not graphs:
+        raise ValueError(
+            "nothing in this call requires grad (no parameter or input with requires_grad), "
+            "so there is no backward to plan"
+        )
+    return plan_pass(graphs[0], budget_bytes, cfg, _model_device(model, example_inputs))

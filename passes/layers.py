@@ -1,0 +1,130 @@
+"""Find the model's layers in a joint graph: the repeated blocks the planner reasons about.
+
+Forward nodes are grouped by the module they were traced in (``nn_module_stack``). The layer
+container is the module path whose numbered children cover the most nodes (``blocks.0``,
+``blocks.1``, ... or ``transformer.h.0``, ...), unless the user names it. Nodes before the first
+layer form a ``pre`` segment, nodes after the last a ``post`` segment. Layers with the same
+structure share a signature, so the planner solves each distinct layer once. Reads
+``nn_module_stack`` and ``val``; writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.meta import module_paths, node_val
+
+__all__ = ["Segment", "find_segments"]
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """A run of forward nodes: one layer of the model, or the code before or after the layers."""
+
+    name: str
+    nodes: list[fx.Node]
+    signature: int
+    """Equal for segments with the same structure (their nodes correspond by position)."""
+
+
+def _dotted(path: str) -> str:
+    return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+
+
+def _relative_paths(node: fx.Node) -> list[str]:
+    """Module paths relative to the root module: ``L['self'].blocks[3]`` -> ``blocks.3``."""
+    paths = [_dotted(p) for p in module_paths(node)]
+    if not paths:
+        return []
+    root = paths[0]
+    return [p[len(root) :].strip(".") for p in paths[1:] if p.startswith(root)]
+
+
+def _layer_of(node: fx.Node, containers: list[str]) -> str | None:
+    for p in _relative_paths(node):
+        for container in containers:
+            if p.startswith(container + "."):
+                rest = p[len(container) + 1 :].split(".")[0]
+                if rest.isdigit():
+                    return f"{container}.{rest}"
+    return None
+
+
+def _detect_containers(nodes: list[fx.Node]) -> list[str]:
+    coverage: Counter[str] = Counter()
+    indices: dict[str, set[str]] = {}
+    for node in nodes:
+        for path in _relative_paths(node):
+            parts = path.split(".")
+            for i, part in enumerate(parts):
+                if part.isdigit() and i > 0:
+                    prefix = ".".join(parts[:i])
+                    indices.setdefault(prefix, set()).add(part)
+                    coverage[prefix] += 1
+                    break
+    return [p for p in coverage if len(indices[p]) >= 2]
+
+
+def _signature(nodes: list[fx.Node]) -> int:
+    position = {n: i for i, n in enumerate(nodes)}
+    parts = []
+    for n in nodes:
+        val = node_val(n)
+        shape = (tuple(val.shape), str(val.dtype)) if isinstance(val, torch.Tensor) else None
+        refs = tuple(position.get(a, a.op == "placeholder") for a in n.all_input_nodes)
+        args = tuple(a for a in n.args if not isinstance(a, (fx.Node, list, tuple)))
+        parts.append((str(n.target), shape, refs, repr(args)))
+    return hash(tuple(parts))
+
+
+def find_segments(forward: list[fx.Node], layers: str | None = None) -> list[Segment]:
+    """Split forward nodes into ``pre``, one segment per layer, and ``post``, in forward order.
+
+    Args:
+        forward: the joint graph's forward nodes, in order.
+        layers: module path of the layer container (``"blocks"``); when None, every module
+            list with at least two numbered children traced in the graph is a layer container.
+
+    Returns:
+        Segments covering every forward node exactly once. A model without repeated layers
+        gives one segment named ``model``.
+
+    Raises:
+        ValueError: ``layers`` names a path no forward node was traced in.
+
+    Example:
+        >>> find_segments([])
+        []
+    """
+    if not forward:
+        return []
+    containers = [layers] if layers else _detect_containers(forward)
+    if not containers:
+        return [Segment("model", list(forward), _signature(list(forward)))]
+    labels = [_layer_of(n, containers) for n in forward]
+    if layers is not None and not any(labels):
+        raise ValueError(
+            f"layers={layers!r} matches no module in the traced graph; pass the attribute path "
+            "of the ModuleList holding the layers (e.g. 'blocks' or 'transformer.h')"
+        )
+    # Nodes traced outside any layer (glue in the parent's forward) join the layer before them.
+    current = "pre"
+    seen_layer = False
+    names: list[str] = []
+    for label in labels:
+        if label is not None:
+            current, seen_layer = label, True
+        names.append(current)
+    last_layer = max((i for i, label in enumerate(labels) if label), default=-1)
+    for i in range(last_layer + 1, len(names)):
+        if seen_layer:
+            names[i] = "post"
+    groups: dict[str, list[fx.Node]] = {}
+    for name, node in zip(names, forward):
+        groups.setdefault(name, []).append(node)
+    return [Segment(name, nodes, _signature(nodes)) for name, nodes in groups.items()]

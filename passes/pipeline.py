@@ -1,0 +1,48 @@
+"""The whole pipeline as one partitioner: plan each joint graph, then rewrite it.
+
+``planning_partitioner`` is what ``auto_checkpoint`` (and later the compile backend) hands to
+``passes.trace.joint_backend``: for each joint graph AOTAutograd produces it runs the planner
+under the budget, reports the Plan, and returns the rewritten forward and backward graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from graphckpt.options import PlanConfig
+from graphckpt.plan import Plan
+from passes.plan import plan_pass
+from passes.rewrite import rewrite_pass
+from passes.trace import JointGraph, Partitioner
+
+__all__ = ["planning_partitioner"]
+
+
+def planning_partitioner(
+    budget_bytes: int,
+    config: PlanConfig,
+    device: torch.device,
+    on_plan: Callable[[Plan], None],
+) -> Partitioner:
+    """A partitioner that plans each joint graph under ``budget_bytes`` and rewrites it.
+
+    Args:
+        budget_bytes: peak bytes of the whole step (DESIGN.md's budget).
+        config: planner options.
+        device: the device the model runs on.
+        on_plan: called with each Plan as it is made.
+
+    Returns:
+        A callable ``JointGraph -> (forward_gm, backward_gm)``.
+    """
+
+    def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
+        plan = plan_pass(jg, budget_bytes, config, device)
+        on_plan(plan)
+        keep = plan.saved_nodes()
+        return rewrite_pass(jg, [n for n in jg.forward if n.name in keep])
+
+    return partition

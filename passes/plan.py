@@ -1,0 +1,198 @@
+"""Stage 3 of the pipeline: choose what to keep and what to recompute under a byte budget.
+
+Each distinct layer is solved once by min-cut (``passes/mincut.py``) into a list of policies
+from "keep all" to "keep least". A greedy search then moves layers to cheaper-in-memory policies
+in order of recompute seconds per byte freed (earlier layers first on ties: their activations
+live longest), and a binary search over that sequence finds the first state whose simulated
+whole-step peak (``passes/simulate.py``) fits the budget. Returns a Plan; mutates nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from graphckpt.errors import InfeasibleBudgetError
+from graphckpt.options import DeviceSpec, PlanConfig
+from graphckpt.plan import LayerPlan, Plan, TensorDecision
+from passes.cost import estimate_costs
+from passes.layers import Segment, find_segments
+from passes.mincut import Policy, segment_policies
+from passes.simulate import FORWARD, Simulation, StepGraph, simulate
+from passes.trace import JointGraph
+
+__all__ = ["PlanSearch", "plan_pass", "rng_state_bytes"]
+
+_MIB = float(1 << 20)
+
+
+def rng_state_bytes(device_type: str) -> int:
+    """Bytes of one saved generator state: the CPU Mersenne state, or CUDA's seed+offset."""
+    return 5056 if device_type == "cpu" else 16
+
+
+@dataclass
+class PlanSearch:
+    """The planner's working state for one joint graph: indexed graph, segments, policies."""
+
+    jg: JointGraph
+    sg: StepGraph
+    segments: list[Segment]
+    members: list[list[int]]
+    policies: list[list[Policy]]
+
+    def saved_for(self, choice: list[int]) -> set[int]:
+        """Union of what each segment keeps under its chosen policy."""
+        saved: set[int] = set()
+        for seg, p in enumerate(choice):
+            saved |= self.policies[seg][p].saved
+        return saved
+
+    def run(self, choice: list[int]) -> Simulation:
+        """Simulate the whole step under ``choice``."""
+        return simulate(self.sg, self.saved_for(choice))
+
+
+def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -> Policy:
+    """Carry a policy solved on layer ``rep`` over to the identical layer ``seg``."""
+    mapping = dict(zip(rep, seg))
+    for r, s in zip(rep, seg):
+        for a, b in zip(sg.inputs[r], sg.inputs[s]):
+            mapping.setdefault(a, b)
+    return Policy(
+        saved=frozenset(mapping.get(v, v) for v in policy.saved),
+        recomputed=frozenset(mapping.get(v, v) for v in policy.recomputed),
+        saved_bytes=policy.saved_bytes,
+        recompute_seconds=policy.recompute_seconds,
+    )
+
+
+def build_search(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
+    """Index the graph, find its layers and solve each distinct layer's min-cut once."""
+    costs = estimate_costs([*jg.primals, *jg.forward, *jg.tangents, *jg.backward], spec)
+    sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type))
+    index = sg.index_of()
+    segments = find_segments(jg.forward, config.layers)
+    members = [[index[n] for n in s.nodes] for s in segments]
+    needed = {a for b in sg.backward for a in sg.inputs[b] if sg.kind[a] == FORWARD}
+    solved: dict[int, int] = {}
+    policies: list[list[Policy]] = []
+    for i, seg in enumerate(segments):
+        rep = solved.get(seg.signature)
+        if rep is not None and len(members[rep]) == len(members[i]):
+            policies.append([_map_policy(sg, p, members[rep], members[i]) for p in policies[rep]])
+            continue
+        solved[seg.signature] = i
+        found = segment_policies(sg, members[i], needed & set(members[i]), config.num_lambda_points)
+        policies.append(found if config.allow_recompute else found[:1])
+    return PlanSearch(jg, sg, segments, members, policies)
+
+
+def greedy_sequence(search: PlanSearch) -> list[list[int]]:
+    """States from keep-all to keep-least, one policy step at a time, cheapest step first."""
+    steps: list[tuple[float, int, int]] = []
+    for seg, pols in enumerate(search.policies):
+        for p in range(1, len(pols)):
+            freed = max(pols[p - 1].saved_bytes - pols[p].saved_bytes, 1)
+            cost = pols[p].recompute_seconds - pols[p - 1].recompute_seconds
+            steps.append((cost / freed, seg, p))
+    steps.sort()
+    choice = [0] * len(search.policies)
+    states = [list(choice)]
+    for _ratio, seg, p in steps:
+        choice[seg] = max(choice[seg], p)
+        states.append(list(choice))
+    return states
+
+
+def _first_fitting(search: PlanSearch, states: list[list[int]], budget: int) -> int:
+    lo, hi = 0, len(states) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if search.run(states[mid]).peak_bytes <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _describe(search: PlanSearch, choice: list[int], sim: Simulation) -> tuple[list, list]:
+    sg = search.sg
+    recomputed = set(sim.recomputed)
+    layers, tensors = [], []
+    saved = search.saved_for(choice)
+    for seg, segment in enumerate(search.segments):
+        mine = search.members[seg]
+        kept = [v for v in mine if v in saved]
+        rec = [v for v in mine if v in recomputed]
+        layers.append(
+            LayerPlan(
+                name=segment.name,
+                num_kept=len(kept),
+                num_recomputed=len(rec),
+                kept_bytes=sum(sg.nbytes[v] for v in kept),
+                recompute_flops=sum(sg.flops[v] for v in rec),
+                recompute_seconds=sum(sg.seconds[v] for v in rec),
+            )
+        )
+        for v in kept:
+            tensors.append(TensorDecision(sg.nodes[v].name, segment.name, "keep", sg.nbytes[v]))
+        for v in rec:
+            if sg.nbytes[v]:
+                tensors.append(
+                    TensorDecision(sg.nodes[v].name, segment.name, "recompute", sg.nbytes[v])
+                )
+    return layers, tensors
+
+
+def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: torch.device) -> Plan:
+    """Plan one joint graph under ``budget_bytes`` (the whole step's peak, DESIGN.md).
+
+    Args:
+        jg: the captured joint graph.
+        budget_bytes: the peak the step must stay under, parameters and inputs included.
+        config: what the planner may do.
+        device: where the model runs (selects the cost preset when config.device is None).
+
+    Returns:
+        The cheapest plan found whose simulated peak fits the budget.
+
+    Raises:
+        InfeasibleBudgetError: even the plan that keeps least peaks above the budget.
+    """
+    start = time.perf_counter()
+    spec = config.device_for(device)
+    search = build_search(jg, config, spec)
+    states = greedy_sequence(search)
+    least = search.run(states[-1])
+    most = search.run(states[0])
+    if least.peak_bytes > budget_bytes:
+        raise InfeasibleBudgetError(
+            f"budget {budget_bytes / 2**30:.3f} GiB ({budget_bytes / _MIB:.1f} MiB) is below the "
+            f"smallest feasible peak {least.peak_bytes / 2**30:.3f} GiB "
+            f"({least.peak_bytes / _MIB:.1f} MiB) for this model and input shape; raise the "
+            "budget, reduce the batch, or allow more actions (recompute/offload)",
+            min_feasible_bytes=least.peak_bytes,
+        )
+    best = _first_fitting(search, states, budget_bytes)
+    choice = states[best]
+    sim = search.run(choice)
+    if sim.peak_bytes > budget_bytes:  # the peak is not monotone along the sequence: scan on
+        best = next(
+            i for i in range(best, len(states)) if search.run(states[i]).peak_bytes <= budget_bytes
+        )
+        choice, sim = states[best], search.run(states[best])
+    layers, tensors = _describe(search, choice, sim)
+    return Plan(
+        budget_bytes=budget_bytes,
+        predicted_peak_bytes=sim.peak_bytes,
+        min_peak_bytes=least.peak_bytes,
+        max_peak_bytes=most.peak_bytes,
+        layers=layers,
+        tensors=tensors,
+        device=spec.type,
+        graph_index=jg.index,
+        planning_seconds=time.perf_counter() - start,
+    )
