@@ -145,6 +145,11 @@ class ContiguousBuffers:
                 "this region's contiguous buffer row was reclaimed (reset() ran, or its backward "
                 "already ran) before its backward; call reset() only when no backward is pending"
             )
-        row = self._buffers[saved.key][lease.slot].view(saved.shape)
+        buffer = self._buffers[saved.key]
+        # A tensor of its own on the buffer's memory, not a view: views share the buffer's
+        # version counter, so another region storing its row would trip autograd's check on
+        # this one (a nested checkpoint's forward runs while this region is recomputed).
+        row = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+        row.set_(buffer.untyped_storage(), lease.slot * buffer.shape[1], saved.shape)
         device = saved.key[2]
         return row if row.device == device else row.to(device, non_blocking=True)

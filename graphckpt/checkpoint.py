@@ -119,22 +119,27 @@ class _Region:
         detached = [
             t.detach().requires_grad_(rg) for t, rg in zip(restored, self.saved.requires_grad)
         ]
-        with self.owner._phase(self.function, "recompute", self.device), self.state.replay():
-            outputs = self.inputs.call(self.function, detached)
-        self.saved.free()
-        flat = tree_leaves(outputs)
-        if len(flat) != len(grads):
-            raise RuntimeError(
-                f"the recompute of {self.function!r} returned {len(flat)} values, its forward "
-                f"{len(grads)}; a checkpointed function must return the same structure each call"
-            )
-        pairs = [
-            (out, grad)
-            for out, grad in zip(flat, grads)
-            if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None
-        ]
-        if pairs:
-            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        try:
+            with self.owner._phase(self.function, "recompute", self.device), self.state.replay():
+                outputs = self.inputs.call(self.function, detached)
+            flat = tree_leaves(outputs)
+            if len(flat) != len(grads):
+                raise RuntimeError(
+                    f"the recompute of {self.function!r} returned {len(flat)} values, its "
+                    f"forward {len(grads)}; a checkpointed function must return the same "
+                    "structure each call"
+                )
+            pairs = [
+                (out, grad)
+                for out, grad in zip(flat, grads)
+                if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None
+            ]
+            if pairs:
+                torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        finally:
+            # Only now: the recomputed graph reads the restored inputs (which may lie in a
+            # contiguous buffer row) until its backward is done; also frees them on errors.
+            self.saved.free()
         return [d.grad if d.requires_grad else None for d in detached]
 
 

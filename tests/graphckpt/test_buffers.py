@@ -126,3 +126,21 @@ def test_docstring_examples_run() -> None:
     # importlib: the package re-exports names that shadow some of its submodules.
     result = doctest.testmod(importlib.import_module("graphckpt.buffers"))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_nested_checkpoints_do_not_overwrite_a_row_in_use() -> None:
+    ckpt = Checkpointer(CheckpointConfig(contiguous_memory_optimization=True, number_checkpoints=2))
+    inner, outer = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def region(h: torch.Tensor) -> torch.Tensor:
+        return ckpt(inner, torch.tanh(outer(h)))
+
+    x = torch.randn(3, 8, requires_grad=True)
+    ckpt(region, x * 1).square().sum().backward()
+    got = [x.grad, inner.weight.grad, outer.weight.grad]
+    got = [g.clone() for g in got if g is not None]
+    x.grad, inner.weight.grad, outer.weight.grad = None, None, None
+    inner(torch.tanh(outer(x * 1))).square().sum().backward()
+    want = [x.grad, inner.weight.grad, outer.weight.grad]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
