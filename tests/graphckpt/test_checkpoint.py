@@ -411,3 +411,24 @@ def test_region_with_nothing_to_differentiate_saves_nothing() -> None:
     frozen = OneInput().requires_grad_(False)
     y = ckpt(frozen, _x(requires_grad=False))
     assert not y.requires_grad and ckpt.num_pending_regions == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nested_checkpoints(mode: str) -> None:
+    run = _runner(mode)
+    inner, outer = OneInput(), OneInput()
+    module = nn.ModuleList([inner, outer])
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return run(inner, outer(x))
+
+    torch.manual_seed(0)
+    x = _x()
+    want = _step(lambda f, *a: inner(outer(*a)), Nested(), (x,), {})
+    got = _step(run, Nested(), (x,), {})
+    _assert_same(got, want)
