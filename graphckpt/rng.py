@@ -166,8 +166,10 @@ def tensor_parallel_seed(seed: int, tp_rank: int) -> int:
     return seed + _TP_SEED_OFFSET + tp_rank
 
 
-def model_parallel_manual_seed(seed: int, tp_rank: int, *, tracker: RNGStatesTracker) -> None:
-    """Seeds the default generator and the tracker's tensor-parallel state, as Megatron does.
+def model_parallel_manual_seed(
+    seed: int, tp_rank: int, *, tracker: RNGStatesTracker | None = None
+) -> RNGStatesTracker:
+    """Seeds the default generator and a tracker's tensor-parallel state, as Megatron does.
 
     The default generator of the tracker's device gets ``seed`` (the same on every
     tensor-parallel rank: data-parallel randomness); the tracker's state
@@ -177,16 +179,20 @@ def model_parallel_manual_seed(seed: int, tp_rank: int, *, tracker: RNGStatesTra
     Args:
         seed: the base seed.
         tp_rank: this process's tensor-parallel rank.
-        tracker: the tracker that receives the tensor-parallel state.
+        tracker: the tracker that receives the tensor-parallel state; ``None`` makes a new one
+            (CUDA when available, else CPU).
+
+    Returns:
+        The tracker; give it to ``Checkpointer(tracker=...)`` so recomputes replay its states.
 
     Example:
-        >>> tracker = RNGStatesTracker(device="cpu")
-        >>> model_parallel_manual_seed(42, 0, tracker=tracker)
+        >>> tracker = model_parallel_manual_seed(42, 0, tracker=RNGStatesTracker(device="cpu"))
         >>> list(tracker.get_states())
         ['model-parallel-rng']
     """
     if tp_rank < 0:
         raise ValueError(f"tp_rank must be >= 0, got {tp_rank}")
+    tracker = RNGStatesTracker() if tracker is None else tracker
     device = tracker.device
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
@@ -194,6 +200,7 @@ def model_parallel_manual_seed(seed: int, tp_rank: int, *, tracker: RNGStatesTra
         torch.default_generator.manual_seed(seed)
     tracker.reset()
     tracker.add(MODEL_PARALLEL_RNG, tensor_parallel_seed(seed, tp_rank))
+    return tracker
 
 
 @dataclass(frozen=True)

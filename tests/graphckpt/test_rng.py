@@ -71,7 +71,7 @@ def test_device_is_chosen_on_first_use() -> None:
 def test_model_parallel_manual_seed_follows_megatron(tp_rank: int) -> None:
     tracker = RNGStatesTracker(device="cpu")
     tracker.add("old", 5)
-    model_parallel_manual_seed(1234, tp_rank, tracker=tracker)
+    assert model_parallel_manual_seed(1234, tp_rank, tracker=tracker) is tracker
     assert list(tracker.get_states()) == [MODEL_PARALLEL_RNG]
     assert tensor_parallel_seed(1234, tp_rank) == 1234 + 2718 + tp_rank
     torch.testing.assert_close(torch.rand(4), _draws(1234), rtol=0, atol=0)
@@ -112,3 +112,9 @@ def test_docstring_examples_run() -> None:
     # importlib: the package re-exports names that shadow some of its submodules.
     result = doctest.testmod(importlib.import_module("graphckpt.rng"))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_model_parallel_manual_seed_makes_a_tracker_when_none_is_given() -> None:
+    tracker = model_parallel_manual_seed(5, 1)
+    assert list(tracker.get_states()) == [MODEL_PARALLEL_RNG]
+    assert tracker.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
