@@ -28,6 +28,7 @@ from torch.utils._pytree import (
 
 from graphckpt.buffers import ContiguousBuffers
 from graphckpt.config import CheckpointConfig
+from graphckpt.errors import GraphCkptError
 from graphckpt.offload import OffloadEngine
 from graphckpt.profile import Phase, RegionProfiler
 from graphckpt.recompute import ForwardState, module_roots
@@ -114,6 +115,13 @@ class _Region:
 
     def backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         assert self.saved is not None and self.state is not None
+        if not torch.autograd._is_checkpoint_valid():
+            raise GraphCkptError(
+                "a reentrant checkpoint region cannot run under torch.autograd.grad() or "
+                "backward(inputs=...): its nested backward would write .grad of every "
+                "parameter it uses. Use Checkpointer.non_reentrant (or "
+                "graphckpt.non_reentrant_checkpoint) for this region"
+            )
         restored = self.saved.restore()
         self.owner._prefetch_before(self)
         detached = [
@@ -176,6 +184,13 @@ class Checkpointer:
     region under the forward's RNG and autocast state. Outputs and gradients equal those of the
     plain call. Under ``torch.no_grad()`` or ``torch.inference_mode()`` it just calls the
     function and saves nothing.
+
+    The region is one autograd Function whose backward runs a nested backward through the
+    recomputed graph (DeepSpeed's design). So a backward may go through it once, and not under
+    ``torch.autograd.grad`` (errors say so); :meth:`non_reentrant` has neither limit. When no
+    tensor input requires grad, an empty anchor tensor that does is added so that parameter
+    gradients still flow; for a plain function (whose parameters cannot be seen) that makes
+    the outputs require grad even if the plain call's would not.
 
     Args:
         config: the options; ``None`` gives the defaults.

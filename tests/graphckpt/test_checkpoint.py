@@ -432,3 +432,11 @@ def test_nested_checkpoints(mode: str) -> None:
     want = _step(lambda f, *a: inner(outer(*a)), Nested(), (x,), {})
     got = _step(run, Nested(), (x,), {})
     _assert_same(got, want)
+
+
+def test_autograd_grad_through_a_reentrant_region_is_a_clear_error() -> None:
+    layer = OneInput()
+    x = _x()
+    with pytest.raises(GraphCkptError, match="non_reentrant"):
+        torch.autograd.grad(checkpoint(layer, x).sum(), x)
+    assert layer.linear.weight.grad is None
