@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 __all__ = ["count_flops", "count_flops_by_op", "flop_formulas", "op_flops"]
 
@@ -107,8 +108,44 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
     }
 
 
+_RNG_WRAPPERS = (run_and_save_rng_state, run_with_rng_state)
+
+
+class _CompiledCountingMode(_FlopCounterMode):
+    """FlopCounterMode's dispatch mode, marked so torch.compile'd code runs under it (Dynamo
+    skips every frame under other dispatch modes); it then counts the ops the compiled code
+    runs. Inductor kernels are opaque to it: their FLOPs are not seen."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # The RNG save/replay wrappers of rewritten graphs wrap random ops (no FLOPs): run them.
+        if func in _RNG_WRAPPERS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _FlopCounter(FlopCounterMode):
+    """Counts totals only: no per-module attribution, whose global module hooks Dynamo would
+    have to trace through inside compiled models."""
+
+    def __enter__(self) -> _FlopCounter:
+        self.flop_counts.clear()
+        mode = _CompiledCountingMode(self)
+        mode.__enter__()
+        self.mode = mode
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        mode, self.mode = self.mode, None
+        assert mode is not None
+        mode.__exit__(*args)
+
+
 def _flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=flop_formulas())
+    return _FlopCounter(display=False, custom_mapping=flop_formulas())
 
 
 def count_flops(step: Callable[[], Any]) -> int:

@@ -107,15 +107,33 @@ def greedy_sequence(search: PlanSearch) -> list[list[int]]:
     return states
 
 
-def _first_fitting(search: PlanSearch, states: list[list[int]], budget: int) -> int:
-    lo, hi = 0, len(states) - 1
+def _first_fitting(
+    search: PlanSearch, states: list[list[int]], budget: int, num_probes: int = 32
+) -> tuple[int | None, int]:
+    """Index of the first state along ``states`` whose peak fits, and the least peak seen.
+
+    The peak is not monotone along the sequence (recompute transients can outweigh what a step
+    frees), so evenly spaced probes are simulated first; the first fitting probe is then
+    narrowed down by bisection against the probe before it.
+    """
+    last = len(states) - 1
+    probes = sorted({round(i * last / (num_probes - 1)) for i in range(num_probes)})
+    peaks = {i: search.run(states[i]).peak_bytes for i in probes}
+    least = min(peaks.values())
+    fitting = [i for i in probes if peaks[i] <= budget]
+    if not fitting:
+        return None, least
+    hi = fitting[0]
+    lo = max((i for i in probes if i < hi), default=hi) + (0 if hi == 0 else 1)
     while lo < hi:
         mid = (lo + hi) // 2
-        if search.run(states[mid]).peak_bytes <= budget:
+        peak = search.run(states[mid]).peak_bytes
+        least = min(least, peak)
+        if peak <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return lo
+    return hi, least
 
 
 def _describe(search: PlanSearch, choice: list[int], sim: Simulation) -> tuple[list, list]:
@@ -166,29 +184,23 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     spec = config.device_for(device)
     search = build_search(jg, config, spec)
     states = greedy_sequence(search)
-    least = search.run(states[-1])
     most = search.run(states[0])
-    if least.peak_bytes > budget_bytes:
+    best, least = _first_fitting(search, states, budget_bytes)
+    if best is None:
         raise InfeasibleBudgetError(
             f"budget {budget_bytes / 2**30:.3f} GiB ({budget_bytes / _MIB:.1f} MiB) is below the "
-            f"smallest feasible peak {least.peak_bytes / 2**30:.3f} GiB "
-            f"({least.peak_bytes / _MIB:.1f} MiB) for this model and input shape; raise the "
-            "budget, reduce the batch, or allow more actions (recompute/offload)",
-            min_feasible_bytes=least.peak_bytes,
+            f"smallest feasible peak {least / 2**30:.3f} GiB ({least / _MIB:.1f} MiB) for this "
+            "model and input shape; raise the budget, reduce the batch, or allow more actions "
+            "(recompute/offload)",
+            min_feasible_bytes=least,
         )
-    best = _first_fitting(search, states, budget_bytes)
     choice = states[best]
     sim = search.run(choice)
-    if sim.peak_bytes > budget_bytes:  # the peak is not monotone along the sequence: scan on
-        best = next(
-            i for i in range(best, len(states)) if search.run(states[i]).peak_bytes <= budget_bytes
-        )
-        choice, sim = states[best], search.run(states[best])
     layers, tensors = _describe(search, choice, sim)
     return Plan(
         budget_bytes=budget_bytes,
         predicted_peak_bytes=sim.peak_bytes,
-        min_peak_bytes=least.peak_bytes,
+        min_peak_bytes=least,
         max_peak_bytes=most.peak_bytes,
         layers=layers,
         tensors=tensors,

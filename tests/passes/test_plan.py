@@ -1,0 +1,46 @@
+"""Tests of passes/plan.py: plans fit the budget, cost less with more memory, and say when
+no plan can fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphckpt.errors import InfeasibleBudgetError
+from graphckpt.options import PlanConfig
+from passes.plan import plan_pass
+from passes.trace import capture_joint_graphs
+
+
+@pytest.fixture
+def joint(tiny_gpt):
+    model, inputs = tiny_gpt
+    return lambda: capture_joint_graphs(model, inputs)[0]
+
+
+def test_plans_fit_and_recompute_less_with_more_budget(joint) -> None:
+    cpu = torch.device("cpu")
+    wide = plan_pass(joint(), 1 << 40, PlanConfig(), cpu)
+    lo, hi = wide.min_peak_bytes, wide.max_peak_bytes
+    assert lo <= hi
+    previous = None
+    for frac in (0.0, 0.3, 0.6, 1.0):
+        budget = int(lo + frac * (hi - lo))
+        p = plan_pass(joint(), budget, PlanConfig(), cpu)
+        assert p.predicted_peak_bytes <= budget
+        if previous is not None:  # more budget never costs more recompute
+            assert p.recompute_seconds <= previous.recompute_seconds + 1e-12
+        previous = p
+    assert previous is not None and previous.recompute_flops == 0
+
+
+def test_budget_below_minimum_names_the_minimum(joint) -> None:
+    wide = plan_pass(joint(), 1 << 40, PlanConfig(), torch.device("cpu"))
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible peak") as info:
+        plan_pass(joint(), wide.min_peak_bytes - 1, PlanConfig(), torch.device("cpu"))
+    assert info.value.min_feasible_bytes == wide.min_peak_bytes
+
+
+def test_without_recompute_the_minimum_is_the_keep_all_peak(joint) -> None:
+    p = plan_pass(joint(), 1 << 40, PlanConfig(allow_recompute=False), torch.device("cpu"))
+    assert p.min_peak_bytes == p.max_peak_bytes
