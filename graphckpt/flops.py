@@ -131,6 +131,8 @@ class _FlopCounter(FlopCounterMode):
     """Counts totals only: no per-module attribution, whose global module hooks Dynamo would
     have to trace through inside compiled models."""
 
+    mode: _FlopCounterMode | None
+
     def __enter__(self) -> _FlopCounter:
         self.flop_counts.clear()
         mode = _CompiledCountingMode(self)
