@@ -124,7 +124,7 @@ class PlanConfig:
     """Target device cost numbers. None: the preset for the model's device."""
     layers: str | None = None
     """Module path of the model's repeated layers (e.g. ``"transformer.h"``); None: detected."""
-    num_lambda_points: int = 24
+    num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
 
     def __post_init__(self) -> None:

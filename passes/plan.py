@@ -108,7 +108,7 @@ def greedy_sequence(search: PlanSearch) -> list[list[int]]:
 
 
 def _first_fitting(
-    search: PlanSearch, states: list[list[int]], budget: int, num_probes: int = 32
+    search: PlanSearch, states: list[list[int]], budget: int, num_probes: int = 12
 ) -> tuple[int | None, int]:
     """Index of the first state along ``states`` whose peak fits, and the least peak seen.
 

@@ -9,6 +9,7 @@ backward graphs to run: the place where the planner and the rewriter act.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,15 +157,43 @@ def describe_trace_failure(model: torch.nn.Module, error: BaseException) -> Trac
     )
 
 
+class _Captured(Exception):
+    """Raised by the capturing partitioner to stop compilation once the joint graph is seen."""
+
+
+def _materialise_meta(
+    model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """Give meta tensors CPU storage that is never touched, so tracing sees real devices.
+
+    On the meta device some losses (``nll_loss``) have no autograd kernel and backward would
+    vanish from the joint graph. ``torch.empty`` reserves address space without touching it,
+    and nothing executes: capture stops before the forward runs.
+    """
+
+    def real(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            out = torch.zeros(x.shape, dtype=x.dtype) if not x.is_floating_point() else None
+            out = out if out is not None else torch.empty(x.shape, dtype=x.dtype)
+            return out.requires_grad_(x.requires_grad)
+        return x
+
+    on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if on_meta:
+        model = copy.deepcopy(model).to_empty(device="cpu")
+    return model, tuple(real(a) for a in args), {k: real(v) for k, v in kwargs.items()}
+
+
 def capture_joint_graphs(
     model: torch.nn.Module,
     args: Sequence[Any],
     kwargs: dict[str, Any] | None = None,
 ) -> list[JointGraph]:
-    """Capture the joint graphs of one training call of ``model``, without planning anything.
+    """Capture the joint graph of one training call of ``model``, without running it.
 
-    Runs ``model(*args, **kwargs)`` once through Dynamo and AOTAutograd (the forward executes;
-    with meta-device parameters and inputs nothing is computed). The model is not modified.
+    Dynamo and AOTAutograd trace the call on fake tensors; capture stops as soon as the joint
+    graph exists, so nothing executes and the model is not modified. A model and inputs on the
+    meta device are traced as CPU tensors of the same shapes (never allocated in full).
 
     Args:
         model: the module to capture.
@@ -172,7 +201,7 @@ def capture_joint_graphs(
         kwargs: keyword inputs of one call.
 
     Returns:
-        One :class:`JointGraph` (a model Dynamo captures without graph breaks).
+        The :class:`JointGraph` (empty when nothing in the call requires grad).
 
     Raises:
         TraceError: Dynamo or AOTAutograd could not capture the model as one graph.
@@ -186,18 +215,18 @@ def capture_joint_graphs(
 
     def record(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         captured.append(jg)
-        return default_partition(
-            jg.gm, None, num_fwd_outputs=jg.num_fwd_outputs, **jg.partition_kwargs
-        )
+        raise _Captured
 
+    model, args, kwargs = _materialise_meta(model, args, dict(kwargs or {}))
     compiled = torch.compile(
         functools.partial(_call_module, model), backend=joint_backend(record), fullgraph=True
     )
     try:
         with dynamo_settings():
-            compiled(*args, **(kwargs or {}))
-    except Exception as e:  # Dynamo raises many types; all mean "not capturable"
-        raise describe_trace_failure(model, e) from e
+            compiled(*args, **kwargs)
+    except Exception as e:  # Dynamo raises many types; all but ours mean "not capturable"
+        if not captured:
+            raise describe_trace_failure(model, e) from e
     finally:
         torch._dynamo.reset()
     return captured
