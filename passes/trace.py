@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
-from torch._functorch.partitioners import _extract_fwd_bwd_outputs, default_partition
+from torch._functorch.partitioners import _extract_fwd_bwd_outputs
 
 from graphckpt.errors import TraceError
 from passes.meta import is_backward, is_forward
