@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphckpt.flops import count_flops
-from graphckpt.memory import LiveTensorTracker, peak_memory
+from graphckpt.memory import resident_bytes, step_peak_bytes
 
 __all__ = ["StepMeasurement", "grads_equal", "measure_step", "resident_bytes", "time_steps"]
 
@@ -34,39 +34,6 @@ class StepMeasurement:
     """The step's loss."""
     grads: dict[str, torch.Tensor]
     """Gradient of every parameter that received one, by parameter name (cloned)."""
-
-
-def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
-
-    Args:
-        tensors: any tensors, e.g. ``model.parameters()``.
-
-    Returns:
-        The total storage bytes.
-
-    Example:
-        >>> w = torch.zeros(256)
-        >>> resident_bytes([w, w[:128], torch.zeros(2)])
-        1032
-    """
-    storages: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
-
-
-def _step_increment_bytes(step: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes that ``step()`` allocates above what was allocated when it started."""
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated(device)
-        return peak_memory(step, device) - before
-    # peak_memory's CPU tracker counts every tensor the process holds when the step starts;
-    # a benchmark holds several candidate models at once, so subtract that baseline.
-    with LiveTensorTracker(device.type) as tracker:
-        step()
-    return tracker.peak_bytes - tracker.baseline_bytes
 
 
 def _zero_grads(model: nn.Module) -> None:
@@ -101,7 +68,7 @@ def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> Ste
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
-    resident = resident_bytes([*params, *model.buffers(), *tensor_inputs])
+    resident = [*params, *model.buffers(), *tensor_inputs]
     losses: list[torch.Tensor] = []
 
     def step() -> None:
@@ -111,16 +78,14 @@ def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> Ste
 
     _zero_grads(model)
     torch.manual_seed(seed)
-    increment = _step_increment_bytes(step, device)
+    peak = step_peak_bytes(step, resident, device)
     grads = {
         name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
     }
     _zero_grads(model)
     torch.manual_seed(seed)
     flops = count_flops(step)
-    return StepMeasurement(
-        peak_bytes=resident + increment, flops=flops, loss=float(losses[0]), grads=grads
-    )
+    return StepMeasurement(peak_bytes=peak, flops=flops, loss=float(losses[0]), grads=grads)
 
 
 def time_steps(

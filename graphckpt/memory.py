@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveTensorTracker", "peak_memory"]
+__all__ = ["LiveTensorTracker", "peak_memory", "resident_bytes", "step_peak_bytes"]
 
 
 def _storage_key(storage: torch.UntypedStorage) -> int:
@@ -153,3 +153,42 @@ def peak_memory(step: Callable[[], Any], device: torch.device | str | None = Non
     with LiveTensorTracker(dev.type) as tracker:
         step()
     return tracker.peak_bytes
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
+
+    Example:
+        >>> w = torch.zeros(256)
+        >>> resident_bytes([w, w[:128], torch.zeros(2)])
+        1032
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def step_peak_bytes(
+    step: Callable[[], Any], resident: Iterable[torch.Tensor], device: torch.device | str
+) -> int:
+    """Peak of one step as the budget counts it for one model, whatever else the process holds.
+
+    That is the bytes of ``resident`` (the model's parameters, buffers and inputs) plus the
+    most ``step()`` allocates on top of what was allocated when it started, so other models
+    alive in the process (a benchmark's baselines, say) do not count.
+
+    Example:
+        >>> w = torch.randn(64, 64, requires_grad=True)
+        >>> step_peak_bytes(lambda: (w @ w).sum().backward(), [w], "cpu") >= 3 * w.numel() * 4
+        True
+    """
+    dev = torch.device(device)
+    base = resident_bytes(resident)
+    if dev.type == "cuda":
+        before = torch.cuda.memory_allocated(dev)
+        return base + peak_memory(step, dev) - before
+    with LiveTensorTracker(dev.type) as tracker:
+        step()
+    return base + tracker.peak_bytes - tracker.baseline_bytes
