@@ -82,7 +82,6 @@ def _measure(model: torch.nn.Module, inputs: tuple[Any, ...], device: str) -> tu
 
 def _plan_command(args: argparse.Namespace) -> int:
     import graphckpt
-
     from graphckpt.api import budget_to_bytes
 
     device = args.device
