@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from graphckpt.errors import GraphCkptError
+from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
 
@@ -65,6 +66,7 @@ class CheckpointedModule(nn.Module):
         object.__setattr__(self, "plans", [])
         object.__setattr__(self, "budget_bytes", budget_bytes)
         object.__setattr__(self, "config", config)
+        object.__setattr__(self, "offloader", GraphOffloader())
         self.training = model.training
         object.__setattr__(self, "_compiled", self._make_compiled())
 
@@ -75,7 +77,7 @@ class CheckpointedModule(nn.Module):
         model = self.wrapped
         device = _model_device(model, ())
         partitioner = planning_partitioner(
-            self.budget_bytes, self.config, device, self.plans.append
+            self.budget_bytes, self.config, device, self.plans.append, self.offloader
         )
         return torch.compile(
             functools.partial(_call, model),

@@ -124,6 +124,8 @@ class PlanConfig:
     """Target device cost numbers. None: the preset for the model's device."""
     layers: str | None = None
     """Module path of the model's repeated layers (e.g. ``"transformer.h"``); None: detected."""
+    min_offload_bytes: int = 256 << 10
+    """Smallest tensor worth a host copy (smaller ones stay on the device)."""
     num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
 
@@ -142,6 +144,10 @@ class PlanConfig:
         if self.layers is not None and not (isinstance(self.layers, str) and self.layers):
             raise ValueError(
                 f"PlanConfig.layers must be a module path like 'blocks', got {self.layers!r}"
+            )
+        if not (isinstance(self.min_offload_bytes, int) and self.min_offload_bytes >= 0):
+            raise ValueError(
+                f"PlanConfig.min_offload_bytes must be an int >= 0, got {self.min_offload_bytes!r}"
             )
         if not (isinstance(self.num_lambda_points, int) and 2 <= self.num_lambda_points <= 256):
             raise ValueError(

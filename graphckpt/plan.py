@@ -26,6 +26,8 @@ class TensorDecision:
     layer: str
     action: Action
     nbytes: int
+    reload_before: str | None = None
+    """For ``offload``: the backward node before whose recompute the copy back starts."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,16 @@ class Plan:
         return sum(layer.offload_bytes for layer in self.layers)
 
     def saved_nodes(self) -> set[str]:
-        """Names of the joint-graph nodes kept for backward."""
-        return {t.node for t in self.tensors if t.action == "keep"}
+        """Names of the joint-graph nodes kept for backward (on the device or offloaded)."""
+        return {t.node for t in self.tensors if t.action in ("keep", "offload")}
+
+    def offloaded_nodes(self) -> dict[str, str]:
+        """Offloaded node names, each with the backward node its reload is issued before."""
+        return {
+            t.node: t.reload_before
+            for t in self.tensors
+            if t.action == "offload" and t.reload_before is not None
+        }
 
     def table(self) -> str:
         """The plan as a terminal table: one row per layer, then totals (fits 100 columns)."""

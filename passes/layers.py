@@ -36,13 +36,22 @@ def _dotted(path: str) -> str:
     return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
 
 
+# Dynamo names the traced root ``L['self']`` (a compiled module) or ``L['fn'].args[0]`` (a
+# compiled function called with the module, as auto_checkpoint does).
+_ROOT = re.compile(r"^L\.(?:self|fn\.args\.\d+)(?:\.|$)")
+
+
 def _relative_paths(node: fx.Node) -> list[str]:
     """Module paths relative to the root module: ``L['self'].blocks[3]`` -> ``blocks.3``."""
-    paths = [_dotted(p) for p in module_paths(node)]
-    if not paths:
-        return []
-    root = paths[0]
-    return [p[len(root) :].strip(".") for p in paths[1:] if p.startswith(root)]
+    out = []
+    for path in module_paths(node):
+        dotted = _dotted(path)
+        match = _ROOT.match(dotted)
+        if match and len(dotted) > match.end() - 1:
+            rest = dotted[match.end() :].strip(".")
+            if rest:
+                out.append(rest)
+    return out
 
 
 def _layer_of(node: fx.Node, containers: list[str]) -> str | None:

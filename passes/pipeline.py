@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
 from passes.plan import plan_pass
@@ -26,6 +27,7 @@ def planning_partitioner(
     config: PlanConfig,
     device: torch.device,
     on_plan: Callable[[Plan], None],
+    offloader: GraphOffloader | None = None,
 ) -> Partitioner:
     """A partitioner that plans each joint graph under ``budget_bytes`` and rewrites it.
 
@@ -34,15 +36,21 @@ def planning_partitioner(
         config: planner options.
         device: the device the model runs on.
         on_plan: called with each Plan as it is made.
+        offloader: what offload nodes call (a new one when None).
 
     Returns:
         A callable ``JointGraph -> (forward_gm, backward_gm)``.
     """
 
+    host = offloader or GraphOffloader()
+
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         plan = plan_pass(jg, budget_bytes, config, device)
         on_plan(plan)
         keep = plan.saved_nodes()
-        return rewrite_pass(jg, [n for n in jg.forward if n.name in keep])
+        by_name = {n.name: n for n in jg.gm.graph.nodes}
+        offload = {by_name[v]: by_name[a] for v, a in plan.offloaded_nodes().items()}
+        saved = [n for n in jg.forward if n.name in keep]
+        return rewrite_pass(jg, saved, offload, host)
 
     return partition

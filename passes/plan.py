@@ -20,6 +20,7 @@ from graphckpt.plan import LayerPlan, Plan, TensorDecision
 from passes.cost import estimate_costs
 from passes.layers import Segment, find_segments
 from passes.mincut import Policy, segment_policies
+from passes.offload_plan import hidden_offload_prefix
 from passes.simulate import FORWARD, Simulation, StepGraph, simulate
 from passes.trace import JointGraph
 
@@ -33,6 +34,14 @@ def rng_state_bytes(device_type: str) -> int:
     return 5056 if device_type == "cpu" else 16
 
 
+@dataclass(frozen=True)
+class State:
+    """A candidate plan: each segment's policy, and the segments whose kept tensors offload."""
+
+    choice: tuple[int, ...]
+    offloaded: frozenset[int] = frozenset()
+
+
 @dataclass
 class PlanSearch:
     """The planner's working state for one joint graph: indexed graph, segments, policies."""
@@ -42,17 +51,36 @@ class PlanSearch:
     segments: list[Segment]
     members: list[list[int]]
     policies: list[list[Policy]]
+    link_bytes_per_s: float = 0.0
+    min_offload_bytes: int = 0
 
-    def saved_for(self, choice: list[int]) -> set[int]:
+    def saved_for(self, state: State) -> set[int]:
         """Union of what each segment keeps under its chosen policy."""
         saved: set[int] = set()
-        for seg, p in enumerate(choice):
+        for seg, p in enumerate(state.choice):
             saved |= self.policies[seg][p].saved
         return saved
 
-    def run(self, choice: list[int]) -> Simulation:
-        """Simulate the whole step under ``choice``."""
-        return simulate(self.sg, self.saved_for(choice))
+    def offloaded_for(self, state: State) -> set[int]:
+        """Kept tensors of the offloaded segments that are large enough to be worth a copy."""
+        sg, out = self.sg, set()
+        for seg in state.offloaded:
+            mine = set(self.members[seg])
+            out |= {
+                v
+                for v in self.policies[seg][state.choice[seg]].saved
+                if v in mine and sg.base[v] == v and sg.nbytes[v] >= max(self.min_offload_bytes, 1)
+            }
+        return out
+
+    def run(self, state: State) -> Simulation:
+        """Simulate the whole step under ``state``."""
+        return simulate(
+            self.sg,
+            self.saved_for(state),
+            offloaded=self.offloaded_for(state),
+            link_bytes_per_s=self.link_bytes_per_s,
+        )
 
 
 def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -> Policy:
@@ -71,6 +99,14 @@ def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -
 
 def build_search(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
     """Index the graph, find its layers and solve each distinct layer's min-cut once."""
+    search = _solve_segments(jg, config, spec)
+    if config.offload_allowed(spec):
+        search.link_bytes_per_s = spec.host_link_bytes_per_s
+        search.min_offload_bytes = config.min_offload_bytes
+    return search
+
+
+def _solve_segments(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
     costs = estimate_costs([*jg.primals, *jg.forward, *jg.tangents, *jg.backward], spec)
     sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type))
     index = sg.index_of()
@@ -90,8 +126,26 @@ def build_search(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSe
     return PlanSearch(jg, sg, segments, members, policies)
 
 
-def greedy_sequence(search: PlanSearch) -> list[list[int]]:
-    """States from keep-all to keep-least, one policy step at a time, cheapest step first."""
+def _offload_states(search: PlanSearch) -> list[State]:
+    """Keep-all states offloading the first 1, 2, ... segments, as long as the copies hide."""
+    if search.link_bytes_per_s <= 0:
+        return []
+    sg = search.sg
+    keep_all = State(tuple([0] * len(search.policies)))
+    seconds = [sum(sg.seconds[v] for v in mine) for mine in search.members]
+    sizes = [
+        sum(sg.nbytes[v] for v in search.offloaded_for(State(keep_all.choice, frozenset({i}))))
+        for i in range(len(search.members))
+    ]
+    count = hidden_offload_prefix(seconds, sizes, search.link_bytes_per_s)
+    return [State(keep_all.choice, frozenset(range(j))) for j in range(1, count + 1)]
+
+
+def greedy_sequence(search: PlanSearch) -> list[State]:
+    """States from keep-all to keep-least: first offloads whose copies hide (free), then one
+    policy step at a time, cheapest recompute seconds per byte freed first."""
+    offloads = _offload_states(search)
+    offloaded = offloads[-1].offloaded if offloads else frozenset()
     steps: list[tuple[float, int, int]] = []
     for seg, pols in enumerate(search.policies):
         for p in range(1, len(pols)):
@@ -100,15 +154,15 @@ def greedy_sequence(search: PlanSearch) -> list[list[int]]:
             steps.append((cost / freed, seg, p))
     steps.sort()
     choice = [0] * len(search.policies)
-    states = [list(choice)]
+    states = [State(tuple(choice)), *offloads]
     for _ratio, seg, p in steps:
         choice[seg] = max(choice[seg], p)
-        states.append(list(choice))
+        states.append(State(tuple(choice), offloaded))
     return states
 
 
 def _first_fitting(
-    search: PlanSearch, states: list[list[int]], budget: int, num_probes: int = 12
+    search: PlanSearch, states: list[State], budget: int, num_probes: int = 12
 ) -> tuple[int | None, int]:
     """Index of the first state along ``states`` whose peak fits, and the least peak seen.
 
@@ -136,32 +190,45 @@ def _first_fitting(
     return hi, least
 
 
-def _describe(search: PlanSearch, choice: list[int], sim: Simulation) -> tuple[list, list]:
+def _describe(
+    search: PlanSearch, state: State, sim: Simulation
+) -> tuple[list[LayerPlan], list[TensorDecision]]:
     sg = search.sg
     recomputed = set(sim.recomputed)
+    offloaded = search.offloaded_for(state)
+    anchors = sim.reload_before or {}
     layers, tensors = [], []
-    saved = search.saved_for(choice)
+    saved = search.saved_for(state)
     for seg, segment in enumerate(search.segments):
         mine = search.members[seg]
-        kept = [v for v in mine if v in saved]
+        kept = [v for v in mine if v in saved and v not in offloaded]
+        sent = [v for v in mine if v in offloaded]
         rec = [v for v in mine if v in recomputed]
         layers.append(
             LayerPlan(
                 name=segment.name,
-                num_kept=len(kept),
+                num_kept=len(kept) + len(sent),
                 num_recomputed=len(rec),
                 kept_bytes=sum(sg.nbytes[v] for v in kept),
                 recompute_flops=sum(sg.flops[v] for v in rec),
                 recompute_seconds=sum(sg.seconds[v] for v in rec),
+                offload_bytes=sum(sg.nbytes[v] for v in sent),
             )
         )
-        for v in kept:
-            tensors.append(TensorDecision(sg.nodes[v].name, segment.name, "keep", sg.nbytes[v]))
-        for v in rec:
-            if sg.nbytes[v]:
-                tensors.append(
-                    TensorDecision(sg.nodes[v].name, segment.name, "recompute", sg.nbytes[v])
-                )
+        name = segment.name
+        tensors += [TensorDecision(sg.nodes[v].name, name, "keep", sg.nbytes[v]) for v in kept]
+        tensors += [
+            TensorDecision(
+                sg.nodes[v].name, name, "offload", sg.nbytes[v], sg.nodes[anchors[v]].name
+            )
+            for v in sent
+            if v in anchors
+        ]
+        tensors += [
+            TensorDecision(sg.nodes[v].name, name, "recompute", sg.nbytes[v])
+            for v in rec
+            if sg.nbytes[v]
+        ]
     return layers, tensors
 
 
@@ -194,9 +261,9 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
             "(recompute/offload)",
             min_feasible_bytes=least,
         )
-    choice = states[best]
-    sim = search.run(choice)
-    layers, tensors = _describe(search, choice, sim)
+    state = states[best]
+    sim = search.run(state)
+    layers, tensors = _describe(search, state, sim)
     return Plan(
         budget_bytes=budget_bytes,
         predicted_peak_bytes=sim.peak_bytes,

@@ -16,6 +16,7 @@ import operator
 from collections.abc import Collection
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._functorch.partitioners import _extract_fwd_bwd_modules
 from torch._guards import detect_fake_mode
@@ -23,6 +24,7 @@ from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
 from torch.utils._ordered_set import OrderedSet
 from torch.utils._pytree import tree_map
 
+from graphckpt.graph_offload import GraphOffloader
 from passes.meta import PARTITIONER_TAG, VAL, is_forward, is_random, node_val
 from passes.trace import JointGraph
 
@@ -91,7 +93,7 @@ def _clone_into_backward(
     saved: set[fx.Node],
     recompute: set[fx.Node],
     replay: dict[fx.Node, tuple[fx.Node, Any, tuple[Any, ...], dict[str, Any]]],
-) -> None:
+) -> set[fx.Node]:
     """Insert recompute copies before their first backward consumer and rewire consumers.
 
     A recomputed tuple-returning op has all its needed outputs extracted right after it runs,
@@ -135,17 +137,65 @@ def _clone_into_backward(
         for a in list(b.all_input_nodes):
             if _is_forward_op(a) and a not in saved:
                 b.replace_input_with(a, ensure(a, b))
+    return set(copies.values())
+
+
+def _host_val(node: fx.Node) -> Any:
+    val = node_val(node)
+    fake_mode = detect_fake_mode([val])
+    assert fake_mode is not None, "joint graph nodes carry fake tensors"
+    with fake_mode:
+        return torch.empty_like(val, device="cpu")
+
+
+def _insert_offloads(
+    jg: JointGraph,
+    offload: dict[fx.Node, fx.Node],
+    offloader: GraphOffloader,
+    copies: set[fx.Node],
+) -> None:
+    """Send each tensor in ``offload`` to host after it is made; in backward, start its copy
+    back before the recompute group of its anchor node, and wait for it at first use."""
+    graph = jg.gm.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for node, anchor in offload.items():
+        readers = [u for u in node.users if u.meta.get(PARTITIONER_TAG) == "is_backward"]
+        if not readers:
+            continue
+        first = min(readers, key=position.__getitem__)
+        start = anchor
+        while start.prev in copies:
+            start = start.prev
+        if position.get(start, -1) > position[first]:
+            start = first
+        with graph.inserting_after(node):
+            host = _tag(graph.call_function(offloader.offload, (node,)), "is_forward", None)
+        host.meta[VAL] = _host_val(node)
+        with graph.inserting_before(start):
+            ahead = _tag(graph.call_function(offloader.prefetch, (host,)), "is_backward", None)
+        ahead.meta[VAL] = host.meta[VAL]
+        with graph.inserting_before(first):
+            back = _tag(graph.call_function(offloader.reload, (ahead,)), "is_backward", None)
+        back.meta[VAL] = node_val(node)
+        for reader in readers:
+            reader.replace_input_with(node, back)
 
 
 def rewrite_pass(
-    jg: JointGraph, saved: Collection[fx.Node]
+    jg: JointGraph,
+    saved: Collection[fx.Node],
+    offload: dict[fx.Node, fx.Node] | None = None,
+    offloader: GraphOffloader | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Build the forward and backward graph modules that keep exactly ``saved``.
 
     Args:
-        jg: the joint graph (mutated: recompute copies and RNG nodes are added).
+        jg: the joint graph (mutated: recompute copies, RNG and offload nodes are added).
         saved: forward nodes whose outputs backward reads directly; every other forward value
             backward needs is recomputed in backward just before its first use.
+        offload: kept tensors that go to host memory in between, each with the backward node
+            before whose recompute its copy back starts.
+        offloader: the object whose methods the offload nodes call (needed with ``offload``).
 
     Returns:
         ``(forward_gm, backward_gm)`` as AOTAutograd's ``partition_fn`` returns them.
@@ -165,7 +215,11 @@ def rewrite_pass(
             replay[out] = (state, target, args, kwargs)
             states.append(state)
     jg.refresh()
-    _clone_into_backward(jg, saved_set, set(recompute) | set(replay), replay)
+    copies = _clone_into_backward(jg, saved_set, set(recompute) | set(replay), replay)
+    if offload:
+        if offloader is None:
+            raise ValueError("rewrite_pass: offload needs an offloader (a GraphOffloader)")
+        _insert_offloads(jg, offload, offloader, copies)
     graph.lint()
     jg.gm.recompile()
     jg.refresh()

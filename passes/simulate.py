@@ -8,6 +8,7 @@ kept from creation to the end. Pure data in, numbers out; no graph is touched.
 
 from __future__ import annotations
 
+import bisect
 import operator
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch.fx as fx
 from passes.cost import NodeCost
 from passes.meta import is_view
 from passes.trace import JointGraph
+from passes.transfers import schedule_offloads, schedule_reloads
 
 __all__ = ["Simulation", "StepGraph", "simulate"]
 
@@ -102,6 +104,11 @@ class Simulation:
     recompute_seconds: float
     recompute_flops: int
     timeline: list[int] | None
+    offload_bytes: int = 0
+    offload_stall_seconds: float = 0.0
+    """Seconds compute waits for the host link (0 when every copy hides behind compute)."""
+    reload_before: dict[int, int] | None = None
+    """For each offloaded tensor, the backward node its reload is issued just before."""
 
 
 def _backward_schedule(sg: StepGraph, saved: Collection[int]) -> tuple[list[int], list[int]]:
@@ -146,24 +153,68 @@ def _forward_needed(sg: StepGraph, saved: Collection[int]) -> list[int]:
     return [v for v in sg.forward if v in live]
 
 
-def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -> Simulation:
+def _reload_points(
+    sg: StepGraph, bwd: list[int], offloaded: set[int], link: float
+) -> tuple[dict[int, int], dict[int, int], float]:
+    """Where each offloaded tensor's reload goes in backward: the step its device copy is
+    born (the start of the group of recompute copies before the anchor node) and the anchor."""
+    first_use: dict[int, int] = {}
+    for i, e in enumerate(bwd):
+        for a in sg.inputs[-1 - e if e < 0 else e]:
+            if a in offloaded:
+                first_use.setdefault(a, i)
+    seconds = [sg.seconds[-1 - e if e < 0 else e] for e in bwd]
+    nbytes = {v: sg.nbytes[v] for v in first_use}
+    plan = schedule_reloads(seconds, first_use, nbytes, link)
+    group_start, start = [0] * len(bwd), 0
+    for i, e in enumerate(bwd):
+        group_start[i] = start
+        if e >= 0:
+            start = i + 1
+    originals = [i for i, e in enumerate(bwd) if e >= 0]
+    born, anchor = {}, {}
+    for v, r in plan.step.items():
+        at = originals[bisect.bisect_left(originals, min(r, first_use[v]))]
+        born[v], anchor[v] = group_start[at], bwd[at]
+    return born, anchor, plan.stall_seconds
+
+
+def simulate(
+    sg: StepGraph,
+    saved: Collection[int],
+    *,
+    offloaded: Collection[int] = (),
+    link_bytes_per_s: float = 0.0,
+    timeline: bool = False,
+) -> Simulation:
     """Simulate the memory of one forward+backward step when exactly ``saved`` is kept.
 
     Every forward value that backward reads and that is not in ``saved`` is recomputed.
+    Tensors in ``offloaded`` (a subset of ``saved``) leave device memory once their copy to
+    host has finished and forward no longer reads them, and come back before backward needs
+    them (``passes/transfers.py``).
 
     Args:
         sg: the indexed joint graph.
         saved: indices of forward nodes whose outputs are kept for backward.
+        offloaded: kept tensors that go to host memory in between.
+        link_bytes_per_s: host-link bandwidth (needed when ``offloaded`` is not empty).
         timeline: also return the live bytes after every executed node.
 
     Returns:
         The step's peak, the forward's peak, the bytes kept for backward, and the recompute.
     """
     saved = {v for v in saved if sg.kind[v] == FORWARD}  # inputs/parameters are resident anyway
+    off = {v for v in offloaded if v in saved and sg.base[v] == v and sg.nbytes[v] > 0}
+    if off and link_bytes_per_s <= 0:
+        raise ValueError("offloaded tensors need a host link: link_bytes_per_s must be > 0")
     fwd = _forward_needed(sg, saved)
     bwd, recomputed = _backward_schedule(sg, saved)
     schedule = fwd + bwd
     kind = sg.kind
+    reload_born, reload_anchor, reload_stall = (
+        _reload_points(sg, bwd, off, link_bytes_per_s) if off else ({}, {}, 0.0)
+    )
     # Storage each value lives in, resolved as the schedule runs: a view lives in the storage
     # of the input it was made from, a recomputed copy (key -1 - v) in a new storage.
     in_fwd: dict[int, int] = {}
@@ -172,12 +223,14 @@ def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -
     def read(a: int, backward: bool) -> int:
         if kind[a] in (PRIMAL, TANGENT):
             return sg.base[a]
+        if backward and a in off:
+            return -1 - a  # the reloaded device copy
         if backward and (kind[a] == BACKWARD or a not in saved):
             return in_bwd[a]
         return in_fwd[a]
 
-    birth: dict[int, int] = {}
-    death: dict[int, int] = {}
+    birth: dict[int, int] = {-1 - v: len(fwd) + t for v, t in reload_born.items()}
+    death: dict[int, int] = dict(birth)
     for t, e in enumerate(schedule):
         backward = t >= len(fwd)
         v = -1 - e if e < 0 else e
@@ -200,9 +253,21 @@ def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -
         death[in_fwd.get(v, sg.base[v])] = len(schedule)
     for v in sg.bwd_outputs:
         death[base.get(v, sg.base[v])] = len(schedule)
-    for v in saved:  # held by autograd from the end of forward until backward reads it
+    for v in saved - off:  # held by autograd from the end of forward until backward reads it
         k = in_fwd[v]
         death[k] = max(death[k], len(fwd))
+    offload_stall = 0.0
+    if off:  # an offloaded tensor's device memory goes once its copy to host is done
+        position = {v: t for t, v in enumerate(fwd)}
+        sent = schedule_offloads(
+            [sg.seconds[v] for v in fwd],
+            {v: position[v] for v in off},
+            {v: sg.nbytes[v] for v in off},
+            link_bytes_per_s,
+        )
+        offload_stall = sent.stall_seconds
+        for v, t in sent.step.items():
+            death[in_fwd[v]] = max(death[in_fwd[v]], t)
 
     rng_bytes = sg.rng_state_bytes * sum(1 for v in recomputed if sg.random[v])
     resident = rng_bytes + sum(
@@ -232,4 +297,7 @@ def simulate(sg: StepGraph, saved: Collection[int], *, timeline: bool = False) -
         recompute_seconds=sum(sg.seconds[v] for v in recomputed),
         recompute_flops=sum(sg.flops[v] for v in recomputed),
         timeline=trace,
+        offload_bytes=sum(sg.nbytes[v] for v in off),
+        offload_stall_seconds=offload_stall + reload_stall,
+        reload_before=reload_anchor,
     )
