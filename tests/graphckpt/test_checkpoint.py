@@ -12,10 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+import graphckpt.saved as saved_module
 from graphckpt.checkpoint import Checkpointer, checkpoint, non_reentrant_checkpoint
 from graphckpt.config import CheckpointConfig
 from graphckpt.errors import GraphCkptError
 from graphckpt.memory import LiveTensorTracker
+from graphckpt.offload import OffloadEngine
+from graphckpt.rng import RNGStatesTracker
 
 HIDDEN = 8
 
@@ -188,15 +191,18 @@ def test_input_without_grad_still_gives_parameter_grads(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_aliased_input(mode: str) -> None:
+    # _check clones each argument, which would undo the aliasing: pass one tensor twice here.
     module = TwoInOneOut()
     x = _x()
-    module.zero_grad()
-    run = _runner(mode)
-    run(module, x, x).sum().backward()
-    got = x.grad.clone()
-    x.grad = None
-    module(x, x).sum().backward()
-    torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
+
+    def step(run: Callable[..., Any]) -> tuple[Any, ...]:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run(module, x, x)
+        out.sum().backward()
+        return out, x.grad, [p.grad for p in module.parameters()]
+
+    _assert_same(step(_runner(mode)), step(lambda f, *a: f(*a)))
 
 
 def test_region_is_recomputed_once_in_backward() -> None:
@@ -229,15 +235,53 @@ def test_forward_keeps_no_intermediate_activations() -> None:
 
 
 @pytest.mark.parametrize("guard", [torch.no_grad, torch.inference_mode])
-def test_no_grad_saves_nothing(guard: Callable[[], Any]) -> None:
-    ckpt = Checkpointer(CheckpointConfig(cpu_checkpointing=True))
+@pytest.mark.parametrize("non_reentrant", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        CheckpointConfig(cpu_checkpointing=True),
+        CheckpointConfig(contiguous_memory_optimization=True, number_checkpoints=1),
+    ],
+    ids=["offload", "contiguous"],
+)
+def test_no_grad_saves_nothing(
+    guard: Callable[[], Any],
+    non_reentrant: bool,
+    config: CheckpointConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Spies, not just saved_bytes(): without a grad_fn a region's saved inputs would be freed
+    # at once, so a copy made and dropped would leave no trace in the counters.
+    stored: list[object] = []
+    init = saved_module.SavedInputs.__init__
+    offload = OffloadEngine.offload
+
+    def spy_init(self: Any, *args: Any) -> None:
+        stored.append("saved")
+        init(self, *args)
+
+    def spy_offload(self: OffloadEngine, tensor: torch.Tensor) -> Any:
+        stored.append("offloaded")
+        return offload(self, tensor)
+
+    monkeypatch.setattr(saved_module.SavedInputs, "__init__", spy_init)
+    monkeypatch.setattr(OffloadEngine, "offload", spy_offload)
+    ckpt = Checkpointer(config)
+    run = ckpt.non_reentrant if non_reentrant else ckpt
     module = OneInput()
     x = _x()
     with guard():
-        y = ckpt(module, x)
-        assert ckpt.num_pending_regions == 0
-        assert ckpt.saved_bytes() == 0
-    torch.testing.assert_close(y, module(x).detach(), rtol=0, atol=0)
+        y = run(module, x)
+        z = run(module, x * 2)  # an intermediate input too
+    assert stored == []
+    assert ckpt.num_pending_regions == 0 and ckpt.saved_bytes() == 0
+    assert ckpt.buffers is None or ckpt.buffers.num_allocations == 0
+    assert not y.requires_grad and not z.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(y, module(x), rtol=0, atol=0)
+    # The same Checkpointer, with grad on, does save (so the spies can see it).
+    run(module, x).sum().backward()
+    assert stored
 
 
 def test_saved_bytes_count_inputs_until_backward() -> None:
@@ -269,7 +313,8 @@ def test_dropout_with_same_seed_gives_bitwise_identical_grads(mode: str) -> None
 
 
 def test_dropout_under_tracker_fork_replays_tracker_state() -> None:
-    ckpt = Checkpointer()
+    # A CPU tracker even when a GPU is present: the dropout below draws on the CPU.
+    ckpt = Checkpointer(tracker=RNGStatesTracker(device="cpu"))
     ckpt.tracker.add("model-parallel-rng", 123)
     linear = nn.Linear(HIDDEN, HIDDEN)
 
@@ -340,12 +385,52 @@ def test_released_input_passed_again_is_a_clear_error() -> None:
     torch.testing.assert_close(want, x.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["offload", "contiguous"])
+def test_input_offloaded_by_a_previous_checkpoint_can_be_passed_again_by_default(
+    mode: str,
+) -> None:
+    # Without release_inputs the checkpoint stores a copy and leaves the caller's tensor
+    # whole, so there is no placeholder to refuse: reusing it must give the plain gradients.
+    run = _runner(mode)
+    first, second = OneInput(), OneInput()
+
+    def step(call: Callable[..., Any]) -> tuple[Any, ...]:
+        for m in (first, second):
+            m.zero_grad(set_to_none=True)
+        x = torch.linspace(-1, 1, 4 * HIDDEN).reshape(4, HIDDEN).requires_grad_()
+        hidden = torch.tanh(x)
+        out = call(first, hidden) + call(second, hidden)
+        assert hidden.shape == (4, HIDDEN)
+        out.sum().backward()
+        return out, x.grad, [p.grad for m in (first, second) for p in m.parameters()]
+
+    _assert_same(step(run), step(lambda f, *a: f(*a)))
+
+
 def test_leaf_inputs_are_never_released() -> None:
     ckpt = Checkpointer(CheckpointConfig(cpu_checkpointing=True, release_inputs=True))
     x = _x()
     ckpt(OneInput(), x)
     assert x.shape == (4, HIDDEN)
     ckpt(OneInput(), x)  # no error: it was not released
+
+
+def test_checkpoint_is_a_default_checkpointer(monkeypatch: pytest.MonkeyPatch) -> None:
+    used: list[Checkpointer] = []
+    call = Checkpointer.__call__
+
+    def spy(self: Checkpointer, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        used.append(self)
+        return call(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "__call__", spy)
+    module, x = OneInput(), _x()
+    torch.testing.assert_close(checkpoint(module, x), module(x), rtol=0, atol=0)
+    assert len(used) == 1
+    (ckpt,) = used
+    assert ckpt.config == CheckpointConfig() and ckpt.group is None
+    assert ckpt.buffers is None and ckpt._storage.offload is None and ckpt.profiler is None
+    assert ckpt.tracker.get_states() == {}
 
 
 def test_input_modified_in_place_after_forward_is_an_error() -> None:

@@ -149,14 +149,19 @@ def test_reset_frees_contiguous_rows_for_evaluation_forwards() -> None:
 
 
 def test_reconfigure_tp_seed_reseeds_only_the_model_parallel_state() -> None:
+    # The tracker is CUDA's when a GPU is present, else the CPU's: draw where it stands in.
+    device = checkpointing.get_cuda_rng_tracker().device
+    state = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
     checkpointing.model_parallel_cuda_manual_seed(1)
     checkpointing.model_parallel_reconfigure_tp_seed(77)
-    default = torch.get_rng_state()
+    default = state()
     with checkpointing.get_cuda_rng_tracker().fork():
-        drawn = torch.rand(3)
-    want = torch.rand(3, generator=torch.Generator().manual_seed(77 + 2718))
-    torch.testing.assert_close(drawn, want, rtol=0, atol=0)
-    assert torch.equal(torch.get_rng_state(), default)
+        drawn = torch.rand(3, device=device)
+    generator = torch.Generator(device).manual_seed(77 + 2718)
+    torch.testing.assert_close(
+        drawn, torch.rand(3, device=device, generator=generator), rtol=0, atol=0
+    )
+    assert torch.equal(state(), default)
 
 
 class _MPU:
