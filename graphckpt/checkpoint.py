@@ -197,6 +197,8 @@ class Checkpointer:
         group: the process group ``partition_activations`` splits saved inputs over (the
             tensor-parallel group: ranks holding identical activations).
         tracker: the RNG tracker whose states recomputes replay; a new one when ``None``.
+            Only this tracker is replayed: regions that fork another tracker recompute with
+            different random numbers.
 
     Example:
         >>> ckpt = Checkpointer(CheckpointConfig(cpu_checkpointing=True))
@@ -369,7 +371,10 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Runs ``function(*args, **kwargs)`` without keeping its activations; recomputes in backward.
 
     The same as ``Checkpointer()(function, *args, **kwargs)``: default options, a fresh RNG
-    tracker, no state kept between calls.
+    tracker, no state kept between calls. The recompute replays the CPU and CUDA generators,
+    but not the states of an :class:`RNGStatesTracker` of your own: a region that forks one
+    (tensor-parallel dropout) needs ``Checkpointer(tracker=that_tracker)``, or its dropout
+    masks differ in the recompute.
 
     Args:
         function: the region (a module, a bound method or any callable).

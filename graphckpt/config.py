@@ -34,6 +34,13 @@ _DEEPSPEED_KEYS = (
 class CheckpointConfig:
     """How :class:`graphckpt.Checkpointer` saves the inputs of each checkpointed region.
 
+    Partitioned, offloaded or buffered saves are copies: by default the caller's tensor is left
+    whole, so passing it to another checkpoint (or using it after) is correct, and its device
+    memory is freed once the caller drops it. DeepSpeed and Megatron instead overwrite the
+    caller's tensor with the slice; graphckpt does that only with ``release_inputs=True``, and
+    then a released tensor passed to a checkpoint again is a :class:`graphckpt.GraphCkptError`
+    (a RuntimeError) saying it was partitioned or offloaded and released.
+
     Example:
         >>> cfg = CheckpointConfig(cpu_checkpointing=True)
         >>> cfg.partition_activations
@@ -59,11 +66,14 @@ class CheckpointConfig:
     """Record per-region forward and recompute times (see ``Checkpointer.profile_table``)."""
 
     release_inputs: bool = False
-    """graphckpt only: after partitioning or offloading an intermediate input (a non-leaf tensor
-    that is not a view), replace its storage by an empty placeholder so its memory is freed even
-    while the caller still references it (what Megatron does for its first argument). Only for
-    inputs that nothing else reads afterwards; passing a released tensor to a checkpoint again is
-    an error. Not a DeepSpeed key."""
+    """graphckpt only: after partitioning, offloading or buffering an intermediate input (a
+    non-leaf tensor that is not a view), replace its storage by an empty placeholder so its
+    memory is freed even while the caller still references it (as Megatron does for its first
+    argument). Passing a released tensor to a checkpoint again raises a GraphCkptError that
+    says so. Only for inputs that nothing reads afterwards: any other use of the placeholder,
+    including a backward that autograd saved it for before the checkpoint, sees an empty tensor
+    (a shape error, not a clear one). Off by default, where inputs stay whole and may be
+    reused. Not a DeepSpeed key."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
