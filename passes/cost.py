@@ -35,10 +35,17 @@ class NodeCost:
 
 
 def _formula_table() -> dict[Any, Callable[..., int]]:
-    from torch.utils.flop_counter import flop_registry
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
 
     table: dict[Any, Callable[..., int]] = dict(flop_registry)
-    table.update(flop_formulas())
+    # torch's registry entries take tensors; graphckpt's formulas take shapes, as
+    # FlopCounterMode's custom_mapping expects, so wrap them the way it does.
+    table.update(
+        {
+            op: f if getattr(f, "_get_raw", False) else shape_wrapper(f)
+            for op, f in flop_formulas().items()
+        }
+    )
     return table
 
 

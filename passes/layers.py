@@ -57,10 +57,11 @@ def _relative_paths(node: fx.Node) -> list[str]:
 def _layer_of(node: fx.Node, containers: list[str]) -> str | None:
     for p in _relative_paths(node):
         for container in containers:
-            if p.startswith(container + "."):
-                rest = p[len(container) + 1 :].split(".")[0]
+            prefix = f"{container}." if container else ""
+            if p.startswith(prefix):
+                rest = p[len(prefix) :].split(".")[0]
                 if rest.isdigit():
-                    return f"{container}.{rest}"
+                    return f"{prefix}{rest}"
     return None
 
 
@@ -71,7 +72,7 @@ def _detect_containers(nodes: list[fx.Node]) -> list[str]:
         for path in _relative_paths(node):
             parts = path.split(".")
             for i, part in enumerate(parts):
-                if part.isdigit() and i > 0:
+                if part.isdigit():
                     prefix = ".".join(parts[:i])
                     indices.setdefault(prefix, set()).add(part)
                     coverage[prefix] += 1

@@ -22,6 +22,7 @@ __all__ = [
     "is_random",
     "is_view",
     "module_paths",
+    "must_keep",
     "node_val",
     "tensor_bytes",
 ]
@@ -84,3 +85,23 @@ def module_paths(node: fx.Node) -> list[str]:
     """Module paths from outermost to innermost that ``node`` was traced in (may be empty)."""
     stack = node.meta.get(NN_MODULE_STACK) or {}
     return [path for path, _cls in stack.values()]
+
+
+_BATCH_NORM_FUNCTIONAL = torch.ops.aten._native_batch_norm_legit_functional.default
+
+
+def must_keep(node: fx.Node) -> bool:
+    """True for values backward reads that a recompute cannot reproduce, so they are kept.
+
+    The running statistics a training-mode batch norm outputs (its outputs 3 and 4): they are
+    per-channel vectors, and a recompute must not touch the running-stat buffers (forward's
+    epilogue updates them in place), so it recomputes with the no-stats variant instead.
+    """
+    if node.target is not operator.getitem or node.args[1] not in (3, 4):
+        return False
+    parent = node.args[0]
+    return (
+        isinstance(parent, fx.Node)
+        and parent.target is _BATCH_NORM_FUNCTIONAL
+        and parent.args[5] is True
+    )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from passes.meta import must_keep
 from passes.simulate import FORWARD, PRIMAL, StepGraph
 
 __all__ = ["Policy", "segment_policies"]
@@ -48,7 +49,8 @@ def _cut(
         # Keeping a view keeps its base: views and tuples are recomputed (free), never kept.
         keep_cost = _INF if (sg.base[v] != v or v in tuples) else lam * _storage_bytes(sg, v)
         g.add_edge(("in", v), ("out", v), capacity=keep_cost)
-        g.add_edge("s", ("in", v), capacity=sg.seconds[v] + 1e-12)
+        recompute_cost = _INF if must_keep(sg.nodes[v]) else sg.seconds[v] + 1e-12
+        g.add_edge("s", ("in", v), capacity=recompute_cost)
         for a in sg.inputs[v]:
             if a not in inside:
                 external_cost = lam * _storage_bytes(sg, a) if sg.kind[a] == FORWARD else 0.0

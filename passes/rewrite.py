@@ -11,7 +11,6 @@ graph. Reads ``val`` and ``partitioner_tag``; writes ``partitioner_tag`` on the 
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Collection
 from typing import Any
@@ -111,6 +110,8 @@ def _clone_into_backward(
         if node in replay:
             state, target, args, kwargs = replay[node]
             sources = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Node)]
+        elif _is_training_batch_norm(node):
+            sources = [a for a in node.args[:3] if isinstance(a, fx.Node)]
         else:
             sources = node.all_input_nodes
         for a in sources:
@@ -123,10 +124,11 @@ def _clone_into_backward(
                     (state, target, *tree_map(mapped, args)),
                     tree_map(mapped, kwargs),
                 )
+            elif _is_training_batch_norm(node):
+                new = _batch_norm_without_stats(graph, node, mapped)
             else:
                 new = graph.node_copy(node, mapped)
-        new.meta = copy.copy(node.meta)
-        new.meta[PARTITIONER_TAG] = "is_backward"
+        new.meta = {**node.meta, **new.meta, PARTITIONER_TAG: "is_backward"}
         copies[node] = new
         for user in node.users:
             if user.target is operator.getitem and user in recompute and user not in copies:
@@ -138,6 +140,30 @@ def _clone_into_backward(
             if _is_forward_op(a) and a not in saved:
                 b.replace_input_with(a, ensure(a, b))
     return set(copies.values())
+
+
+_BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
+
+
+def _is_training_batch_norm(node: fx.Node) -> bool:
+    return node.target is _BATCH_NORM and node.args[5] is True
+
+
+def _batch_norm_without_stats(graph: fx.Graph, node: fx.Node, mapped: Any) -> fx.Node:
+    """Recompute a training-mode batch norm without reading or updating running statistics.
+
+    In training mode its output depends on the batch alone; the functional op also reads the
+    running-stat buffers, which forward's epilogue then updates in place, so a recompute that
+    read them would see (and trip autograd's version check on) the updated buffers.
+    """
+    x, weight, bias = (mapped(a) for a in node.args[:3])
+    momentum, eps = node.args[6], node.args[7]
+    new = graph.call_function(
+        torch.ops.aten._native_batch_norm_legit.no_stats,
+        (x, weight, bias, True, momentum, eps),
+    )
+    new.meta[VAL] = tuple(node_val(node)[:3])  # kept over node's own meta by the caller
+    return new
 
 
 def _host_val(node: fx.Node) -> Any:

@@ -204,7 +204,9 @@ def simulate(
     Returns:
         The step's peak, the forward's peak, the bytes kept for backward, and the recompute.
     """
-    saved = {v for v in saved if sg.kind[v] == FORWARD}  # inputs/parameters are resident anyway
+    # Inputs/parameters are resident anyway; a tuple-returning op cannot be kept (its getitems
+    # are), so keeping one would let its outputs be "recomputed" from nothing.
+    saved = {v for v in saved if sg.kind[v] == FORWARD and not sg.outputs[v]}
     off = {v for v in offloaded if v in saved and sg.base[v] == v and sg.nbytes[v] > 0}
     if off and link_bytes_per_s <= 0:
         raise ValueError("offloaded tensors need a host link: link_bytes_per_s must be > 0")

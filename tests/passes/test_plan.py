@@ -44,3 +44,20 @@ def test_budget_below_minimum_names_the_minimum(joint) -> None:
 def test_without_recompute_the_minimum_is_the_keep_all_peak(joint) -> None:
     p = plan_pass(joint(), 1 << 40, PlanConfig(allow_recompute=False), torch.device("cpu"))
     assert p.min_peak_bytes == p.max_peak_bytes
+
+
+def test_attention_without_dropout_is_priced() -> None:
+    from graphckpt.examples import gpt_example
+
+    model, inputs = gpt_example(batch=2, seq=16, n_layer=2, n_embd=32, n_head=2, dropout=0.0)
+    jg = capture_joint_graphs(model, inputs)[0]
+    targets = {str(n.target) for n in jg.forward}
+    assert any("flash_attention" in t for t in targets)
+    wide = plan_pass(jg, 1 << 40, PlanConfig(), torch.device("cpu"))
+    p = plan_pass(
+        capture_joint_graphs(model, inputs)[0],
+        wide.min_peak_bytes,
+        PlanConfig(),
+        torch.device("cpu"),
+    )
+    assert p.recompute_flops > 0

@@ -47,3 +47,36 @@ def test_recomputed_dropout_replays_its_generator_state(tiny_gpt) -> None:
     with dynamo_settings():
         compiled(*inputs).backward()
     assert any("run_with_rng_state" in t for t in random_nodes)
+
+
+def test_recomputed_batch_norm_matches_and_updates_stats_once() -> None:
+    import graphckpt
+
+    torch.manual_seed(0)
+    body = [
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+        for _ in range(3)
+    ]
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(body)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = torch.relu(block(x)) + x
+            return x.square().mean()
+
+    model, inputs = Net(), (torch.randn(2, 4, 8, 8),)
+    wide = graphckpt.plan(model, inputs, 1.0)
+    reference_model = copy.deepcopy(model)
+    reference = measure_step(reference_model, inputs, seed=0)
+    planned = graphckpt.auto_checkpoint(
+        copy.deepcopy(model), wide.min_peak_bytes / 2**30, example_inputs=inputs
+    )
+    result = measure_step(planned, inputs, seed=0)
+    assert planned.plan is not None and planned.plan.recompute_seconds > 0
+    assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
+    for (name, a), (_, b) in zip(reference_model.named_buffers(), planned.named_buffers()):
+        assert torch.equal(a, b), name  # two steps each: running stats updated twice, not 4x
