@@ -18,6 +18,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -140,6 +143,9 @@ def sweep_model(
                 "flops_le_best_k": False,
                 "time_le_best_k": False,
             }
+            if kind == "halfway":
+                row["checks"]["halfway_flops_le_half_best_k"] = False
+                row["checks"]["halfway_time_le_0.9_best_k"] = False
             rows.append(row)
             _log(
                 f"[{bench.name}] budget {budget / _MIB:.2f} MiB ({kind}): "
