@@ -6,6 +6,7 @@ change any torch configuration.
 """
 
 from graphckpt.api import CheckpointedModule, auto_checkpoint, plan
+from graphckpt.backend import GraphCkptBackend, backend
 from graphckpt.checkpoint import Checkpointer, checkpoint, non_reentrant_checkpoint
 from graphckpt.config import CheckpointConfig
 from graphckpt.errors import GraphCkptError, InfeasibleBudgetError, TraceError
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointedModule",
     "Checkpointer",
     "DeviceSpec",
+    "GraphCkptBackend",
     "GraphCkptError",
     "InfeasibleBudgetError",
     "LayerPlan",
@@ -30,6 +32,7 @@ __all__ = [
     "TensorDecision",
     "TraceError",
     "auto_checkpoint",
+    "backend",
     "checkpoint",
     "count_flops",
     "flop_formulas",

@@ -96,12 +96,16 @@ def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callab
 def joint_backend(
     partitioner: Partitioner,
     compiler: Compiler | None = None,
+    *,
+    decompositions: dict[Any, Callable[..., Any]] | None = None,
 ) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
     """A Dynamo backend that calls ``partitioner`` on each joint graph AOTAutograd builds.
 
     Args:
         partitioner: gets the :class:`JointGraph`, returns ``(forward_gm, backward_gm)``.
         compiler: compiles the forward and backward graphs; runs them eagerly when None.
+        decompositions: ATen decompositions AOTAutograd applies while tracing (the joint graph
+            the partitioner sees is then the decomposed one); none when None.
 
     Returns:
         A callable ``(gm, example_inputs) -> compiled`` to pass as ``torch.compile(backend=)``.
@@ -129,6 +133,7 @@ def joint_backend(
             bw_compiler=compile_fn,
             inference_compiler=compile_fn,
             partition_fn=partition_fn,
+            decompositions=decompositions,
         )
 
     return backend

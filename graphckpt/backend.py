@@ -1,0 +1,290 @@
+"""``graphckpt.backend``: the planner as a ``torch.compile`` backend.
+
+The last pipeline stage for compiled models: each joint graph Dynamo and AOTAutograd produce is
+planned under the budget and rewritten (``passes.pipeline``), then its forward and backward
+graphs run as eager fx code or are compiled by inductor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from graphckpt.api import budget_to_bytes
+from graphckpt.errors import InfeasibleBudgetError
+from graphckpt.graph_offload import GraphOffloader
+from graphckpt.options import PlanConfig
+from graphckpt.plan import Plan
+
+__all__ = ["CompilerName", "GraphCkptBackend", "backend"]
+
+CompilerName = Literal["inductor", "eager"]
+_COMPILERS: tuple[str, ...] = ("inductor", "eager")
+_SUBGRAPH_KEY = "graphckpt_subgraph"
+"""``GraphModule.meta`` key on the forward and backward graphs: ``(role, position)`` in the
+backend's subgraph list (AOTAutograd deep-copies the backward graph, so no objects there)."""
+_MIB = float(1 << 20)
+
+
+@dataclass(eq=False)
+class _Subgraph:
+    """One planned Dynamo subgraph and how many of its forwards await their backward."""
+
+    plan: Plan
+    num_live: int = 0
+
+
+@contextlib.contextmanager
+def _inductor_settings() -> Iterator[None]:
+    """Inductor config for our graphs, scoped to one compile.
+
+    ``fallback_random``: inductor would otherwise replace ATen random ops by its own generator,
+    which the rewriter's ``run_and_save_rng_state`` / ``run_with_rng_state`` replay cannot see,
+    so recomputed dropout masks would differ from the forward ones (and from eager).
+    """
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def _eager_only_reason(gm: fx.GraphModule) -> str | None:
+    """Why inductor cannot compile ``gm`` (None when it can): calls to GraphOffloader methods."""
+    for node in gm.graph.nodes:
+        owner = getattr(node.target, "__self__", None)
+        if node.op == "call_function" and isinstance(owner, GraphOffloader):
+            return (
+                f"it calls GraphOffloader.{node.target.__name__} (host offload of planned "
+                "activations), which inductor cannot lower"
+            )
+    return None
+
+
+def _fake_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    """Example inputs with real tensors turned fake, placeholder ``val`` metadata to match.
+
+    The CPU generator state that ``run_and_save_rng_state`` returns is a real tensor even under
+    fake tracing (``torch.get_rng_state`` does not dispatch), so the backward graph's state
+    input arrives real and inductor's fake re-run of ``run_with_rng_state`` rejects it.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake_mode = detect_fake_mode(example_inputs)
+    inputs = list(example_inputs)
+    if fake_mode is None:
+        return inputs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+            inputs[i] = fake_mode.from_tensor(x)
+            if i < len(placeholders):
+                placeholders[i].meta["val"] = inputs[i]
+    return inputs
+
+
+def _counting(
+    compiled: Callable[..., Any],
+    before: Callable[[], None] | None = None,
+    after: Callable[[], None] | None = None,
+) -> Callable[..., Any]:
+    """A boxed wrapper of ``compiled`` that calls ``before`` / ``after`` around each run."""
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(args: list[Any]) -> Any:
+        if before is not None:
+            before()
+        out = compiled(args) if boxed else compiled(*args)
+        if after is not None:
+            after()
+        return out
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+class GraphCkptBackend:
+    """A ``torch.compile`` backend that plans every joint graph under one absolute budget.
+
+    Built by :func:`backend`; see there. ``plans`` lists every Plan made, in order.
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        compiler: CompilerName,
+        config: PlanConfig,
+        on_plan: Callable[[Plan], None] | None,
+    ) -> None:
+        from passes.trace import joint_backend
+
+        self.budget_bytes = budget_bytes
+        self.compiler = compiler
+        self.config = config
+        self.plans: list[Plan] = []
+        self.offloader = GraphOffloader()
+        self._on_plan = on_plan
+        self._subgraphs: list[_Subgraph] = []
+        self._device = torch.device("cpu")
+        decompositions = None
+        if compiler == "inductor":
+            from torch._inductor.decomposition import select_decomp_table
+
+            with _inductor_settings():
+                decompositions = dict(select_decomp_table())
+        self._joint = joint_backend(self._partition, self._compile, decompositions=decompositions)
+
+    def live_kept_bytes(self) -> int:
+        """Device bytes kept by forwards that ran and whose backward has not yet run."""
+        return sum(s.plan.kept_bytes * s.num_live for s in self._subgraphs)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """Compile one Dynamo graph: plan and rewrite its joint graph, compile the parts."""
+        tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+        self._device = tensors[0].device if tensors else torch.device("cpu")
+        # Our compilers are not cacheable; a cache hit would also skip the planner.
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(enable_autograd_cache=False):
+            return self._joint(gm, example_inputs)
+
+    def _partition(self, jg: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from passes.pipeline import planning_partitioner
+
+        held = self.live_kept_bytes()
+        made: list[Plan] = []
+        partition = planning_partitioner(
+            self.budget_bytes - held, self.config, self._device, made.append, self.offloader
+        )
+        try:
+            fw, bw = partition(jg)
+        except InfeasibleBudgetError as e:
+            if not held:
+                raise
+            raise InfeasibleBudgetError(
+                f"{e}\n(subgraph {jg.index}: activations kept by the subgraphs that ran before it "
+                f"hold {held / _MIB:.1f} MiB of the {self.budget_bytes / _MIB:.1f} MiB budget "
+                "until their backward)",
+                min_feasible_bytes=e.min_feasible_bytes + held,
+            ) from e
+        subgraph = _Subgraph(made[-1])
+        fw.meta[_SUBGRAPH_KEY] = ("forward", len(self._subgraphs))
+        bw.meta[_SUBGRAPH_KEY] = ("backward", len(self._subgraphs))
+        self._subgraphs.append(subgraph)
+        self.plans.append(subgraph.plan)
+        if self._on_plan is not None:
+            self._on_plan(subgraph.plan)
+        return fw, bw
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        role, position = gm.meta.get(_SUBGRAPH_KEY, ("inference", None))
+        compiled = self._compile_graph(gm, example_inputs, role)
+        if position is None:
+            return compiled
+        subgraph = self._subgraphs[position]
+
+        def started() -> None:
+            subgraph.num_live += 1
+
+        def finished() -> None:
+            subgraph.num_live = max(subgraph.num_live - 1, 0)
+
+        if role == "forward":
+            return _counting(compiled, before=started)
+        return _counting(compiled, after=finished)
+
+    def _compile_graph(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], role: str
+    ) -> Callable[..., Any]:
+        from passes.trace import _eager_compiler
+
+        if self.compiler == "eager":
+            return _eager_compiler(gm, example_inputs)
+        reason = _eager_only_reason(gm)
+        if reason is not None:
+            warnings.warn(
+                f"graphckpt.backend: running this {role} graph as eager fx code instead of "
+                f"compiling it with inductor: {reason}",
+                stacklevel=2,
+            )
+            return _eager_compiler(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        inputs = _fake_inputs(gm, example_inputs)
+        with _inductor_settings():
+            return compile_fx_inner(
+                gm, inputs, is_backward=role == "backward", is_inference=role == "inference"
+            )
+
+
+def backend(
+    budget_gb: float,
+    *,
+    compiler: CompilerName = "inductor",
+    on_plan: Callable[[Plan], None] | None = None,
+    config: PlanConfig | None = None,
+    **options: Any,
+) -> GraphCkptBackend:
+    """A ``torch.compile`` backend that plans each training graph to fit ``budget_gb`` GiB.
+
+    Every joint forward+backward graph is planned (keep / recompute per tensor, DESIGN.md's
+    budget) and rewritten; dropout and other random ops replay their generator state when
+    recomputed, so results equal the uncompiled model's.
+
+    With ``compiler="inductor"`` AOTAutograd traces with inductor's decompositions (the planner
+    plans the decomposed graph) and inductor compiles the rewritten forward and backward graphs,
+    with ``torch._inductor.config.fallback_random=True`` scoped to each compile so random ops
+    keep torch's generator (and its replay). A graph that offloads to host memory calls Python
+    methods inductor cannot lower: it runs as eager fx code, with a warning.
+    ``compiler="eager"`` runs every rewritten graph as eager fx code, like ``auto_checkpoint``.
+
+    Graph breaks: one budget covers the whole step. Dynamo compiles subgraphs in execution order,
+    and the activations a subgraph keeps stay alive until its backward, which runs after the
+    backward of every later subgraph. So each subgraph is planned under the total budget minus
+    the device bytes kept (``Plan.kept_bytes``, offloaded bytes excluded) by the subgraphs whose
+    forward has run and whose backward has not. Within one step the budgets therefore add up:
+    ``plans[1].budget_bytes == budget - plans[0].kept_bytes``. Parameters and gradients of the
+    other subgraphs are not charged to a subgraph. Each Plan's ``graph_index`` numbers the
+    subgraphs in compile order.
+
+    Only compile-time torch config is changed, each scoped to the compile call
+    (``config.patch``): inductor's ``fallback_random`` and functorch's
+    ``enable_autograd_cache`` (off, since a cache hit would skip the planner).
+
+    Args:
+        budget_gb: the budget in GiB (2**30 bytes) for one forward+backward of the model.
+        compiler: ``"inductor"`` or ``"eager"``.
+        on_plan: called with each Plan as it is made.
+        config: a PlanConfig; or give its fields as keyword ``options``.
+
+    Returns:
+        A GraphCkptBackend: the callable ``(gm, example_inputs) -> compiled`` to pass as
+        ``torch.compile(backend=...)``; its ``.plans`` lists the Plans made.
+
+    Raises:
+        TypeError, ValueError: a bad budget, compiler name or option.
+
+    Example:
+        >>> from graphckpt.examples import gpt_example
+        >>> model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+        >>> be = backend(budget_gb=1.0, compiler="eager")
+        >>> torch.compile(model, backend=be)(*inputs).backward()
+        >>> print(be.plans[0].table())  # doctest: +SKIP
+    """
+    budget_bytes = budget_to_bytes(budget_gb)
+    if compiler not in _COMPILERS:
+        raise ValueError(
+            f"compiler must be one of {', '.join(map(repr, _COMPILERS))}, got {compiler!r}"
+        )
+    if on_plan is not None and not callable(on_plan):
+        raise TypeError(f"on_plan must be callable, got {type(on_plan).__name__}")
+    if config is not None and options:
+        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
+    cfg = config if config is not None else PlanConfig(**options)
+    return GraphCkptBackend(budget_bytes, compiler, cfg, on_plan)

@@ -1,0 +1,154 @@
+"""Tests of graphckpt/backend.py: the torch.compile backend plans, rewrites and trains correctly."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import graphckpt
+from graphckpt.backend import GraphCkptBackend, _eager_only_reason
+from graphckpt.graph_offload import GraphOffloader
+from graphckpt.options import PlanConfig
+from graphckpt.plan import Plan
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(
+    model: nn.Module, inputs, seed: int, backend=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and parameter gradients of one step, compiled with ``backend`` when given."""
+    torch.manual_seed(seed)
+    loss = (model if backend is None else torch.compile(model, backend=backend))(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
+def test_bad_budget_values(bad) -> None:
+    with pytest.raises(ValueError, match="budget_gb must be a positive finite"):
+        graphckpt.backend(bad)
+
+
+@pytest.mark.parametrize("bad", ["8", None, True])
+def test_bad_budget_types(bad) -> None:
+    with pytest.raises(TypeError, match="budget_gb must be a number"):
+        graphckpt.backend(bad)
+
+
+def test_bad_compiler_names_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"'inductor', 'eager'.*got 'aot_eager'"):
+        graphckpt.backend(1.0, compiler="aot_eager")  # type: ignore[arg-type]
+
+
+def test_config_and_options_are_exclusive() -> None:
+    with pytest.raises(TypeError, match="either config"):
+        graphckpt.backend(1.0, config=PlanConfig(), allow_recompute=False)
+
+
+def test_inductor_recomputes_and_matches_eager_grads(tiny_gpt) -> None:
+    model, inputs = tiny_gpt
+    functorch_cfg = torch._functorch.config
+    inductor_cfg = torch._inductor.config
+    before = (
+        functorch_cfg.activation_memory_budget,
+        functorch_cfg.enable_autograd_cache,
+        inductor_cfg.fallback_random,
+    )
+    # The smallest feasible peak of the graph inductor sees (decomposed), from a budget too small.
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as failed:
+        torch.compile(copy.deepcopy(model), backend=graphckpt.backend(1e-6))(*inputs)
+    inner = failed.value.inner_exception
+    assert isinstance(inner, graphckpt.InfeasibleBudgetError)
+    torch._dynamo.reset()
+    budget_bytes = int(inner.min_feasible_bytes * 1.02)
+
+    seen: list[Plan] = []
+    be = graphckpt.backend(budget_bytes / 2**30, on_plan=seen.append)
+    compiled_model = copy.deepcopy(model)
+    ref_loss, ref_grads = _grads(model, inputs, seed=3)
+    loss, grads = _grads(compiled_model, inputs, seed=3, backend=be)
+
+    assert len(be.plans) == 1 and seen == be.plans
+    plan = be.plans[0]
+    assert plan.predicted_peak_bytes <= budget_bytes
+    assert sum(layer.num_recomputed for layer in plan.layers) > 0
+    assert any(d.action == "recompute" for d in plan.tensors)
+    assert Plan.from_json(plan.to_json()) == plan and "total" in plan.table()
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+    after = (
+        functorch_cfg.activation_memory_budget,
+        functorch_cfg.enable_autograd_cache,
+        inductor_cfg.fallback_random,
+    )
+    assert after == before
+
+
+class _TwoHalves(nn.Module):
+    """Two MLP halves with dropout and a deliberate Dynamo graph break between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 32))
+        self.second = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(h).pow(2).mean()
+
+
+def test_graph_break_divides_the_budget() -> None:
+    torch.manual_seed(0)
+    model, inputs = _TwoHalves(), (torch.randn(8, 32, requires_grad=True),)
+    budget_gb = 0.01
+    be = graphckpt.backend(budget_gb, compiler="eager")
+    compiled_model = copy.deepcopy(model)
+    ref_loss, ref_grads = _grads(model, inputs, seed=4)
+    loss, grads = _grads(compiled_model, inputs, seed=4, backend=be)
+
+    assert [p.graph_index for p in be.plans] == [0, 1]
+    total = int(budget_gb * 2**30)
+    assert be.plans[0].budget_bytes == total
+    assert be.plans[0].kept_bytes > 0
+    assert be.plans[1].budget_bytes == total - be.plans[0].kept_bytes
+    assert be.live_kept_bytes() == 0  # both backwards ran
+    assert torch.equal(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_offloading_graph_runs_eagerly_with_a_warning() -> None:
+    offloader = GraphOffloader()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    host = graph.call_function(offloader.offload, (x,))
+    graph.output((graph.call_function(torch.ops.aten.mul.Tensor, (host, 2)),))
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert _eager_only_reason(gm) is not None
+    be = GraphCkptBackend(1 << 30, "inductor", PlanConfig(), None)
+    with pytest.warns(UserWarning, match=r"instead of compiling it with inductor.*offload"):
+        run = be._compile_graph(gm, [torch.ones(3)], "forward")
+    assert torch.equal(run([torch.ones(3)])[0], torch.full((3,), 2.0))
+
+
+def test_plain_graph_is_inductor_compatible() -> None:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (x, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _eager_only_reason(fx.GraphModule(nn.Module(), graph)) is None
