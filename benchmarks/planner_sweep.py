@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,9 +42,20 @@ ATOL = 1e-6
 _MIB = 2**20
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.rstrip()
+
+
 def machine_info() -> dict[str, Any]:
-    """Platform, torch version, thread count and the UTC date of the run."""
+    """Platform, torch version, thread count, load, git commit and the UTC date of the run."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_modified_files": None if dirty is None else [ln[3:] for ln in dirty.splitlines()],
         "platform": platform.platform(),
         "processor": platform.processor(),
         "machine": platform.machine(),
