@@ -58,9 +58,9 @@ class Plan:
     predicted_peak_bytes: int
     """The simulator's peak of the whole step under this plan."""
     min_peak_bytes: int
-    """The smallest peak any plan the planner considered reaches (the feasible minimum)."""
+    """The smallest budget any plan fits (the least peak found, plus the planner's headroom)."""
     max_peak_bytes: int
-    """The peak when everything backward reads is kept (no recompute)."""
+    """The smallest budget at which nothing is recomputed (keep-all peak, plus headroom)."""
     layers: list[LayerPlan]
     tensors: list[TensorDecision]
     device: str = "cpu"

@@ -74,12 +74,20 @@ def _moved_bytes(node: fx.Node) -> int:
     return inputs + outputs
 
 
+# Ops whose output lives in a storage larger than the output itself: PyTorch's mse_loss
+# returns a 0-dim view into an input-sized buffer of squared differences, which the loss
+# tensor keeps alive. The fake tensors in the graph cannot show this.
+_INPUT_SIZED_STORAGE = frozenset({torch.ops.aten.mse_loss.default})
+
+
 def _allocated_bytes(node: fx.Node) -> int:
     """Bytes ``node`` allocates. A tuple-returning op is charged only for the outputs no
     ``getitem`` reads (they live for that one step); read outputs are charged to their getitem."""
     value = node_val(node)
     if is_view(node):
         return 0
+    if node.target in _INPUT_SIZED_STORAGE and isinstance(node.args[0], fx.Node):
+        return max(tensor_bytes(value), tensor_bytes(node_val(node.args[0])))
     if isinstance(value, torch.Tensor):
         return tensor_bytes(value)
     if isinstance(value, (tuple, list)):

@@ -24,9 +24,12 @@ from passes.offload_plan import hidden_offload_prefix
 from passes.simulate import FORWARD, Simulation, StepGraph, simulate
 from passes.trace import JointGraph
 
-__all__ = ["PlanSearch", "plan_pass", "rng_state_bytes"]
+__all__ = ["HEADROOM_BYTES", "PlanSearch", "plan_pass", "rng_state_bytes"]
 
 _MIB = float(1 << 20)
+HEADROOM_BYTES = 1024
+"""Left under the budget for allocations the simulator does not model (a few bytes of the
+autograd engine's scalar bookkeeping were measured)."""
 
 
 def rng_state_bytes(device_type: str) -> int:
@@ -108,7 +111,7 @@ def build_search(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSe
 
 def _solve_segments(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
     costs = estimate_costs([*jg.primals, *jg.forward, *jg.tangents, *jg.backward], spec)
-    sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type))
+    sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type), 512 if spec.type == "cuda" else 1)
     index = sg.index_of()
     segments = find_segments(jg.forward, config.layers)
     members = [[index[n] for n in s.nodes] for s in segments]
@@ -252,7 +255,8 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     search = build_search(jg, config, spec)
     states = greedy_sequence(search)
     most = search.run(states[0])
-    best, least = _first_fitting(search, states, budget_bytes)
+    best, least = _first_fitting(search, states, budget_bytes - HEADROOM_BYTES)
+    least += HEADROOM_BYTES  # the smallest budget that plans
     if best is None:
         raise InfeasibleBudgetError(
             f"budget {budget_bytes / 2**30:.3f} GiB ({budget_bytes / _MIB:.1f} MiB) is below the "
@@ -268,7 +272,7 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
         budget_bytes=budget_bytes,
         predicted_peak_bytes=sim.peak_bytes,
         min_peak_bytes=least,
-        max_peak_bytes=most.peak_bytes,
+        max_peak_bytes=most.peak_bytes + HEADROOM_BYTES,
         layers=layers,
         tensors=tensors,
         device=spec.type,

@@ -48,9 +48,17 @@ class StepGraph:
 
     @classmethod
     def build(
-        cls, jg: JointGraph, costs: dict[fx.Node, NodeCost], rng_state_bytes: int
+        cls,
+        jg: JointGraph,
+        costs: dict[fx.Node, NodeCost],
+        rng_state_bytes: int,
+        block_bytes: int = 1,
     ) -> StepGraph:
-        """Index ``jg``'s primals, forward, tangents and backward, with their costs."""
+        """Index ``jg``'s primals, forward, tangents and backward, with their costs.
+
+        ``block_bytes`` rounds every allocation up the way the device allocator does (512 for
+        CUDA's caching allocator; 1 on CPU, where the tracker counts exact storage bytes).
+        """
         ordered = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
         index = {n: i for i, n in enumerate(ordered)}
         kinds = (
@@ -76,7 +84,7 @@ class StepGraph:
             inputs=inputs,
             base=base,
             outputs=[tuple(o) for o in outputs],
-            nbytes=[c.out_bytes for c in cost],
+            nbytes=[-(-c.out_bytes // block_bytes) * block_bytes for c in cost],
             seconds=[c.seconds for c in cost],
             flops=[c.flops for c in cost],
             random=[c.random for c in cost],
