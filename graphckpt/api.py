@@ -210,6 +210,7 @@ def plan(
         >>> p.predicted_peak_bytes <= p.budget_bytes
         True
     """
+    from passes.decompose import split_dropout
     from passes.plan import plan_pass
     from passes.trace import capture_joint_graphs
 
@@ -231,4 +232,5 @@ def plan(
             "nothing in this call requires grad (no parameter or input with requires_grad), "
             "so there is no backward to plan"
         )
+    split_dropout(graphs[0])
     return plan_pass(graphs[0], budget_bytes, cfg, _model_device(model, example_inputs))

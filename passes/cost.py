@@ -68,6 +68,12 @@ def node_flops(node: fx.Node, formulas: dict[Any, Callable[..., int]]) -> int:
         raise RuntimeError(f"FLOP formula failed on {node.format_node()}") from e
 
 
+def _drawn_elements(node: fx.Node) -> int:
+    """Random numbers a random op draws: one per element of its (first) output."""
+    leaves = [v for v in tree_leaves(node_val(node)) if isinstance(v, torch.Tensor)]
+    return int(leaves[0].numel()) if leaves else 0
+
+
 def _moved_bytes(node: fx.Node) -> int:
     inputs = sum(tensor_bytes(node_val(a)) for a in node.all_input_nodes if a.op != "get_attr")
     outputs = sum(tensor_bytes(v) for v in tree_leaves(node_val(node)))
@@ -99,8 +105,9 @@ def _allocated_bytes(node: fx.Node) -> int:
 def estimate_costs(nodes: Iterable[fx.Node], device: DeviceSpec) -> dict[fx.Node, NodeCost]:
     """Price each node: allocated bytes, FLOPs, and roofline seconds on ``device``.
 
-    Seconds are ``op_overhead + max(flops / flops_per_s, bytes_moved / bytes_per_s)`` for real
-    ops; views and ``getitem`` cost nothing (they move no data).
+    Seconds are ``op_overhead + max(flops / flops_per_s, bytes_moved / bytes_per_s,
+    random draws / random_elements_per_s)`` for real ops; views and ``getitem`` cost nothing
+    (they move no data).
 
     Args:
         nodes: the nodes to price (usually a joint graph's forward and backward).
@@ -121,8 +128,11 @@ def estimate_costs(nodes: Iterable[fx.Node], device: DeviceSpec) -> dict[fx.Node
             costs[node] = NodeCost(_allocated_bytes(node), 0, 0.0, False)
             continue
         flops = node_flops(node, formulas)
+        random = is_random(node)
         seconds = device.op_overhead_s + max(
-            flops / device.flops_per_s, _moved_bytes(node) / device.bytes_per_s
+            flops / device.flops_per_s,
+            _moved_bytes(node) / device.bytes_per_s,
+            _drawn_elements(node) / device.random_elements_per_s if random else 0.0,
         )
-        costs[node] = NodeCost(_allocated_bytes(node), flops, seconds, is_random(node))
+        costs[node] = NodeCost(_allocated_bytes(node), flops, seconds, random)
     return costs

@@ -15,6 +15,7 @@ import torch.fx as fx
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
+from passes.decompose import split_dropout
 from passes.plan import plan_pass
 from passes.rewrite import rewrite_pass
 from passes.trace import JointGraph, Partitioner
@@ -45,6 +46,7 @@ def planning_partitioner(
     host = offloader or GraphOffloader()
 
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
+        split_dropout(jg)
         plan = plan_pass(jg, budget_bytes, config, device)
         on_plan(plan)
         keep = plan.saved_nodes()
