@@ -164,6 +164,20 @@ def greedy_sequence(search: PlanSearch) -> list[State]:
     return states
 
 
+def prefix_states(search: PlanSearch) -> list[State]:
+    """Megatron's block method inside the planner's space: the first k segments at their
+    keep-least policy, the rest keeping everything, for k = 1..n."""
+    states, choice = [], [0] * len(search.policies)
+    for seg, pols in enumerate(search.policies):
+        choice[seg] = len(pols) - 1
+        states.append(State(tuple(choice)))
+    return states
+
+
+def _cost(search: PlanSearch, sim: Simulation) -> tuple[float, int]:
+    return (sim.recompute_seconds + sim.offload_stall_seconds, sim.recompute_flops)
+
+
 def _first_fitting(
     search: PlanSearch, states: list[State], budget: int, num_probes: int = 12
 ) -> tuple[int | None, int]:
@@ -255,9 +269,19 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     search = build_search(jg, config, spec)
     states = greedy_sequence(search)
     most = search.run(states[0])
-    best, least = _first_fitting(search, states, budget_bytes - HEADROOM_BYTES)
-    least += HEADROOM_BYTES  # the smallest budget that plans
-    if best is None:
+    room = budget_bytes - HEADROOM_BYTES
+    best, least = _first_fitting(search, states, room)
+    # Megatron's block method is in the planner's space too: never worse than it by the cost
+    # model, and sometimes the only fit when the greedy order's peak is not monotone.
+    prefixes = prefix_states(search)
+    k, least_k = _first_fitting(search, prefixes, room, num_probes=4)
+    least = min(least, least_k) + HEADROOM_BYTES  # the smallest budget that plans
+    candidates = [search.run(states[best])] if best is not None else []
+    chosen = [states[best]] if best is not None else []
+    if k is not None:
+        candidates.append(search.run(prefixes[k]))
+        chosen.append(prefixes[k])
+    if not candidates:
         raise InfeasibleBudgetError(
             f"budget {budget_bytes / 2**30:.3f} GiB ({budget_bytes / _MIB:.1f} MiB) is below the "
             f"smallest feasible peak {least / 2**30:.3f} GiB ({least / _MIB:.1f} MiB) for this "
@@ -265,8 +289,8 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
             "(recompute/offload)",
             min_feasible_bytes=least,
         )
-    state = states[best]
-    sim = search.run(state)
+    pick = min(range(len(candidates)), key=lambda i: _cost(search, candidates[i]))
+    state, sim = chosen[pick], candidates[pick]
     layers, tensors = _describe(search, state, sim)
     return Plan(
         budget_bytes=budget_bytes,
