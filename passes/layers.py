@@ -10,6 +10,7 @@ structure share a signature, so the planner solves each distinct layer once. Rea
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.meta import module_paths, node_val
+from passes.meta import module_paths, node_val, tensor_bytes
 
 __all__ = ["Segment", "find_segments"]
 
@@ -41,17 +42,14 @@ def _dotted(path: str) -> str:
 _ROOT = re.compile(r"^L\.(?:self|fn\.args\.\d+)(?:\.|$)")
 
 
+def _relative(dotted: str) -> str:
+    match = _ROOT.match(dotted)
+    return dotted[match.end() :].strip(".") if match else ""
+
+
 def _relative_paths(node: fx.Node) -> list[str]:
     """Module paths relative to the root module: ``L['self'].blocks[3]`` -> ``blocks.3``."""
-    out = []
-    for path in module_paths(node):
-        dotted = _dotted(path)
-        match = _ROOT.match(dotted)
-        if match and len(dotted) > match.end() - 1:
-            rest = dotted[match.end() :].strip(".")
-            if rest:
-                out.append(rest)
-    return out
+    return [rel for rel in (_relative(_dotted(p)) for p in module_paths(node)) if rel]
 
 
 def _layer_of(node: fx.Node, containers: list[str]) -> str | None:
@@ -65,10 +63,26 @@ def _layer_of(node: fx.Node, containers: list[str]) -> str | None:
     return None
 
 
+def _is_primitive(cls: object) -> bool:
+    """A built-in torch.nn leaf module (Linear, ReLU, Conv2d, ...), not a block of modules."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    return (
+        isinstance(cls, type)
+        and cls.__module__.startswith("torch.nn.modules")
+        and not issubclass(cls, containers)
+    )
+
+
 def _detect_containers(nodes: list[fx.Node]) -> list[str]:
+    """Module lists with at least two numbered children, at least one of them a block of its own
+    (a list of bare Linear/ReLU modules is one chain to the planner, not layers: a min-cut per
+    single op could not recompute across ops)."""
     coverage: Counter[str] = Counter()
     indices: dict[str, set[str]] = {}
+    composite: set[str] = set()
     for node in nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        classes = {_relative(_dotted(path)): cls for path, cls in stack}
         for path in _relative_paths(node):
             parts = path.split(".")
             for i, part in enumerate(parts):
@@ -76,8 +90,10 @@ def _detect_containers(nodes: list[fx.Node]) -> list[str]:
                     prefix = ".".join(parts[:i])
                     indices.setdefault(prefix, set()).add(part)
                     coverage[prefix] += 1
+                    if not _is_primitive(classes.get(".".join(parts[: i + 1]))):
+                        composite.add(prefix)
                     break
-    return [p for p in coverage if len(indices[p]) >= 2]
+    return [p for p in coverage if len(indices[p]) >= 2 and p in composite]
 
 
 def _signature(nodes: list[fx.Node]) -> int:
@@ -92,6 +108,28 @@ def _signature(nodes: list[fx.Node]) -> int:
     return hash(tuple(parts))
 
 
+def _chunks(forward: list[fx.Node]) -> list[Segment]:
+    """Without repeated layers: about sqrt(n) contiguous chunks of equal activation bytes.
+
+    A min-cut over one undivided graph only finds "keep all" or "keep inputs only" on a uniform
+    chain (its objective is linear along it); chunks let the search keep some chunk boundaries
+    and recompute inside others, which lowers the peak in between (sqrt(n) checkpointing).
+    """
+    sizes = [tensor_bytes(node_val(n)) for n in forward]
+    total = sum(sizes)
+    count = max(1, min(32, round(math.sqrt(sum(1 for b in sizes if b) or 1))))
+    if count == 1 or total == 0:
+        return [Segment("model", forward, _signature(forward))]
+    groups: list[list[fx.Node]] = [[]]
+    running = 0
+    for node, size in zip(forward, sizes):
+        if running >= total * len(groups) / count and len(groups) < count:
+            groups.append([])
+        groups[-1].append(node)
+        running += size
+    return [Segment(f"part.{i}", g, _signature(g)) for i, g in enumerate(groups) if g]
+
+
 def find_segments(forward: list[fx.Node], layers: str | None = None) -> list[Segment]:
     """Split forward nodes into ``pre``, one segment per layer, and ``post``, in forward order.
 
@@ -102,7 +140,7 @@ def find_segments(forward: list[fx.Node], layers: str | None = None) -> list[Seg
 
     Returns:
         Segments covering every forward node exactly once. A model without repeated layers
-        gives one segment named ``model``.
+        is cut into about sqrt(n) chunks of equal activation bytes (``part.0``, ...).
 
     Raises:
         ValueError: ``layers`` names a path no forward node was traced in.
@@ -115,7 +153,7 @@ def find_segments(forward: list[fx.Node], layers: str | None = None) -> list[Seg
         return []
     containers = [layers] if layers else _detect_containers(forward)
     if not containers:
-        return [Segment("model", list(forward), _signature(list(forward)))]
+        return _chunks(list(forward))
     labels = [_layer_of(n, containers) for n in forward]
     if layers is not None and not any(labels):
         raise ValueError(

@@ -87,7 +87,11 @@ def segment_policies(
     total_seconds = sum(sg.seconds[v] for v in members) or 1e-6
     total_bytes = sum(_storage_bytes(sg, v) for v in members) or 1
     mid = total_seconds / total_bytes
-    prices = [0.0] + [mid * 10 ** (-3 + 7 * i / (num_points - 2)) for i in range(num_points - 1)]
+    # The first price is tiny, not zero: at zero every cut that recomputes nothing is optimal,
+    # including ones that keep tensors backward never reads; a tiny price picks the leanest.
+    prices = [mid * 1e-9] + [
+        mid * 10 ** (-3 + 7 * i / (num_points - 2)) for i in range(num_points - 1)
+    ]
     seen: dict[frozenset[int], Policy] = {}
     for lam in prices:
         saved, recomputed = _cut(sg, members, needed, lam, tuples)
