@@ -123,8 +123,11 @@ class CheckpointedModule(nn.Module):
 
 
 def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-    """Plan by running one training forward, leaving buffers and the RNG as they were."""
+    """Plan by running one training forward, leaving buffers, tensor inputs (a forward may
+    mutate them in place) and the RNG as they were."""
     buffers = {name: b.clone() for name, b in wrapped.wrapped.named_buffers()}
+    inputs = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    before = [x.detach().clone() for x in inputs]
     rng = torch.get_rng_state()
     try:
         with torch.enable_grad():
@@ -134,6 +137,8 @@ def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str
         with torch.no_grad():
             for name, b in wrapped.wrapped.named_buffers():
                 b.copy_(buffers[name])
+            for x, saved in zip(inputs, before):
+                x.copy_(saved)
 
 
 def auto_checkpoint(
