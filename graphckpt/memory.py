@@ -78,9 +78,11 @@ class LiveTensorTracker(TorchDispatchMode):
     def _add(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != self.device_type or tensor.is_meta:
             return
+        if tensor.layout != torch.strided or tensor.is_nested:
+            return  # sparse and nested tensors have no single storage to count
         try:
             storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse, nested, or tensor subclasses
+        except RuntimeError:  # wrapper subclasses without a storage of their own
             return
         if storage.device.type != self.device_type:
             return  # fake tensors (Dynamo's, in graph metadata) claim a device but hold no memory
