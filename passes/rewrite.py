@@ -207,6 +207,18 @@ def _insert_offloads(
             reader.replace_input_with(node, back)
 
 
+def _tensors_of(saved: Collection[fx.Node]) -> set[fx.Node]:
+    """``saved`` with each tuple-valued node (batch norm's outputs) replaced by its getitems:
+    autograd saves tensors only, and backward then reads the elements it needs directly."""
+    out: set[fx.Node] = set()
+    for node in saved:
+        if isinstance(node_val(node), (tuple, list)):
+            out |= {u for u in node.users if u.target is operator.getitem}
+        else:
+            out.add(node)
+    return out
+
+
 def rewrite_pass(
     jg: JointGraph,
     saved: Collection[fx.Node],
@@ -230,7 +242,7 @@ def rewrite_pass(
         >>> # inside a partition function: fw, bw = rewrite_pass(jg, saved_nodes)
     """
     graph = jg.gm.graph
-    saved_set = set(saved)
+    saved_set = _tensors_of(saved)
     recompute = recompute_closure(jg, saved_set)
     replay: dict[fx.Node, tuple[fx.Node, Any, tuple[Any, ...], dict[str, Any]]] = {}
     states: list[fx.Node] = []
