@@ -6,9 +6,10 @@ Both capture the model with Dynamo + AOTAutograd, plan with ``passes`` and (for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -122,23 +123,32 @@ class CheckpointedModule(nn.Module):
             raise describe_trace_failure(self.wrapped, e) from e
 
 
-def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-    """Plan by running one training forward, leaving buffers, tensor inputs (a forward may
-    mutate them in place) and the RNG as they were."""
-    buffers = {name: b.clone() for name, b in wrapped.wrapped.named_buffers()}
-    inputs = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
-    before = [x.detach().clone() for x in inputs]
+@contextlib.contextmanager
+def _state_restored(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
+    """Put the model's buffers, the tensor ``inputs`` and the CPU RNG back as they were.
+
+    Planning runs (or traces) one training forward; it must not update BatchNorm statistics,
+    mutate the caller's inputs or advance the generator.
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    before = [x.detach().clone() for x in tensors]
     rng = torch.get_rng_state()
     try:
-        with torch.enable_grad():
-            wrapped(*args, **kwargs)
+        yield
     finally:
         torch.set_rng_state(rng)
         with torch.no_grad():
-            for name, b in wrapped.wrapped.named_buffers():
+            for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-            for x, saved in zip(inputs, before):
+            for x, saved in zip(tensors, before):
                 x.copy_(saved)
+
+
+def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Plan by running one training forward, leaving the model's state as it was."""
+    with _state_restored(wrapped.wrapped, [*args, *kwargs.values()]), torch.enable_grad():
+        wrapped(*args, **kwargs)
 
 
 def auto_checkpoint(
@@ -185,9 +195,7 @@ def auto_checkpoint(
     if not isinstance(model, nn.Module):
         raise TypeError(f"auto_checkpoint expects an nn.Module, got {type(model).__name__}")
     budget_bytes = budget_to_bytes(budget_gb)
-    if config is not None and options:
-        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
-    cfg = config if config is not None else PlanConfig(**options)
+    cfg = PlanConfig.from_options(config, options)
     wrapped = CheckpointedModule(model, budget_bytes, cfg)
     if example_inputs is not None or example_kwargs is not None:
         _plan_now(wrapped, tuple(example_inputs or ()), dict(example_kwargs or {}))
@@ -220,18 +228,10 @@ def plan(
     from passes.trace import capture_joint_graphs
 
     budget_bytes = budget_to_bytes(budget_gb)
-    if config is not None and options:
-        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
-    cfg = config if config is not None else PlanConfig(**options)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state()
-    try:
-        graphs = capture_joint_graphs(model, tuple(example_inputs), example_kwargs)
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    cfg = PlanConfig.from_options(config, options)
+    kwargs = dict(example_kwargs or {})
+    with _state_restored(model, [*example_inputs, *kwargs.values()]):
+        graphs = capture_joint_graphs(model, tuple(example_inputs), kwargs)
     if not graphs:
         raise ValueError(
             "nothing in this call requires grad (no parameter or input with requires_grad), "

@@ -284,7 +284,5 @@ def backend(
         )
     if on_plan is not None and not callable(on_plan):
         raise TypeError(f"on_plan must be callable, got {type(on_plan).__name__}")
-    if config is not None and options:
-        raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
-    cfg = config if config is not None else PlanConfig(**options)
+    cfg = PlanConfig.from_options(config, options)
     return GraphCkptBackend(budget_bytes, compiler, cfg, on_plan)

@@ -164,6 +164,17 @@ class PlanConfig:
                 f"got {self.num_lambda_points!r}"
             )
 
+    @classmethod
+    def from_options(cls, config: PlanConfig | None, options: dict[str, object]) -> PlanConfig:
+        """``config`` itself, or a PlanConfig built from keyword ``options`` (not both).
+
+        Raises:
+            TypeError: both were given, or an option is unknown.
+        """
+        if config is not None and options:
+            raise TypeError("pass either config=PlanConfig(...) or keyword options, not both")
+        return config if config is not None else cls(**options)  # type: ignore[arg-type]
+
     def device_for(self, device: torch.device) -> DeviceSpec:
         """The DeviceSpec to plan with for a model living on ``device``."""
         return self.device if self.device is not None else DeviceSpec.preset(device)
