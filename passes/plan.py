@@ -49,7 +49,6 @@ class State:
 class PlanSearch:
     """The planner's working state for one joint graph: indexed graph, segments, policies."""
 
-    jg: JointGraph
     sg: StepGraph
     segments: list[Segment]
     members: list[list[int]]
@@ -126,7 +125,7 @@ def _solve_segments(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> Pla
         solved[seg.signature] = i
         found = segment_policies(sg, members[i], needed & set(members[i]), config.num_lambda_points)
         policies.append(found if config.allow_recompute else found[:1])
-    return PlanSearch(jg, sg, segments, members, policies)
+    return PlanSearch(sg, segments, members, policies)
 
 
 def _offload_states(search: PlanSearch) -> list[State]:
