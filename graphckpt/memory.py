@@ -1,7 +1,9 @@
 """Measure the peak memory of one step: what benchmarks and tests compare plans against.
 
-On CUDA this reads the caching allocator's statistics. On CPU there is no allocator statistic,
-so live tensor storages are tracked through a dispatch mode.
+On CUDA this reads the caching allocator's statistics. On CPU there is no allocator statistic:
+live tensor storages are tracked through a dispatch mode (``method="tracker"``), or the CPU
+allocator's events are read from the profiler (``method="allocator"``, ``allocator.py``), which
+also sees memory allocated inside compiled code.
 """
 
 from __future__ import annotations
@@ -9,13 +11,24 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveTensorTracker", "peak_memory", "resident_bytes", "step_peak_bytes"]
+from graphckpt.allocator import cpu_allocator_peak
+
+__all__ = [
+    "LiveTensorTracker",
+    "MeasureMethod",
+    "peak_memory",
+    "resident_bytes",
+    "step_peak_bytes",
+]
+
+MeasureMethod = Literal["tracker", "allocator"]
+_METHODS: tuple[str, ...] = ("tracker", "allocator")
 
 
 def _storage_key(storage: torch.UntypedStorage) -> int:
@@ -64,6 +77,12 @@ class LiveTensorTracker(TorchDispatchMode):
         return self
 
     def __enter__(self) -> LiveTensorTracker:
+        self.scan_live_tensors()
+        super().__enter__()
+        return self
+
+    def scan_live_tensors(self) -> int:
+        """Count the storages of every tensor Python can reach now; the baseline, in bytes."""
         gc.collect()
         for obj in gc.get_objects():
             # type() rather than isinstance(): isinstance reads __class__, which trips lazy
@@ -72,8 +91,7 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._add(obj)
         self.baseline_bytes = self.current_bytes
         self.peak_bytes = self.current_bytes
-        super().__enter__()
-        return self
+        return self.baseline_bytes
 
     def _add(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != self.device_type or tensor.is_meta:
@@ -114,7 +132,30 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
 
-def peak_memory(step: Callable[[], Any], device: torch.device | str | None = None) -> int:
+def _resolve(device: torch.device | str | None, method: str) -> torch.device:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _cuda_step_peak(step: Callable[[], Any], dev: torch.device) -> tuple[int, int]:
+    """``(allocated before, peak allocated)`` of one step on a CUDA device."""
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    step()
+    torch.cuda.synchronize(dev)
+    return int(before), int(torch.cuda.max_memory_allocated(dev))
+
+
+def peak_memory(
+    step: Callable[[], Any],
+    device: torch.device | str | None = None,
+    *,
+    method: MeasureMethod = "tracker",
+) -> int:
     """Run ``step()`` once and return the peak bytes allocated on the device while it ran.
 
     The peak includes everything resident when the step starts (parameters, buffers, inputs,
@@ -122,20 +163,31 @@ def peak_memory(step: Callable[[], Any], device: torch.device | str | None = Non
 
     On CUDA it is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: exact
     at the allocator, including memory allocated inside compiled (inductor) kernels, rounded to
-    the allocator's 512-byte blocks.
+    the allocator's 512-byte blocks. ``method`` only matters on CPU.
 
-    On CPU it tracks tensor storages with :class:`LiveTensorTracker`. It sees every tensor
-    produced by an operator that goes through the dispatcher, in forward and backward, and every
-    tensor reachable from Python when the step starts. It cannot see scratch memory that a kernel
-    allocates and frees internally (oneDNN workspaces, say), memory allocated inside inductor-
-    compiled kernels, or storages created before the step that no Python object references.
+    On CPU with ``method="tracker"`` it tracks tensor storages with :class:`LiveTensorTracker`.
+    It sees every tensor produced by an operator that goes through the dispatcher, in forward
+    and backward, and every tensor reachable from Python when the step starts. It cannot see
+    scratch memory that a kernel allocates and frees internally (oneDNN workspaces, say),
+    memory allocated inside inductor-compiled kernels, or storages created before the step that
+    no Python object references.
+
+    On CPU with ``method="allocator"`` the step's own allocations are read at the CPU allocator
+    (:func:`graphckpt.allocator.cpu_allocator_peak`, through the profiler): compiled code and
+    kernel scratch memory included. What was resident at the start is still found by scanning
+    Python's live tensors. Use it for ``torch.compile``'d steps; it is slower (profiler
+    overhead) and reads high when the step frees blocks allocated before it.
 
     Args:
         step: a zero-argument callable, typically forward + backward of a model.
         device: where to measure; defaults to CUDA when available, else CPU.
+        method: ``"tracker"`` or ``"allocator"``: how to measure on CPU.
 
     Returns:
         The peak in bytes.
+
+    Raises:
+        ValueError: an unknown ``method``.
 
     Example:
         >>> w = torch.randn(256, 256, requires_grad=True)
@@ -143,16 +195,14 @@ def peak_memory(step: Callable[[], Any], device: torch.device | str | None = Non
         >>> peak >= 2 * w.numel() * 4  # w and w.grad
         True
     """
-    dev = torch.device(device) if device is not None else None
-    if dev is None:
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = _resolve(device, method)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        step()
-        torch.cuda.synchronize(dev)
-        return int(torch.cuda.max_memory_allocated(dev))
-    with LiveTensorTracker(dev.type) as tracker:
+        return _cuda_step_peak(step, dev)[1]
+    tracker = LiveTensorTracker(dev.type)
+    if method == "allocator":
+        baseline = tracker.scan_live_tensors()
+        return baseline + cpu_allocator_peak(step).peak_bytes
+    with tracker:
         step()
     return tracker.peak_bytes
 
@@ -173,24 +223,31 @@ def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def step_peak_bytes(
-    step: Callable[[], Any], resident: Iterable[torch.Tensor], device: torch.device | str
+    step: Callable[[], Any],
+    resident: Iterable[torch.Tensor],
+    device: torch.device | str,
+    *,
+    method: MeasureMethod = "tracker",
 ) -> int:
     """Peak of one step as the budget counts it for one model, whatever else the process holds.
 
     That is the bytes of ``resident`` (the model's parameters, buffers and inputs) plus the
     most ``step()`` allocates on top of what was allocated when it started, so other models
-    alive in the process (a benchmark's baselines, say) do not count.
+    alive in the process (a benchmark's baselines, say) do not count. ``method`` picks how the
+    CPU is measured, as in :func:`peak_memory`; use ``"allocator"`` for compiled steps.
 
     Example:
         >>> w = torch.randn(64, 64, requires_grad=True)
         >>> step_peak_bytes(lambda: (w @ w).sum().backward(), [w], "cpu") >= 3 * w.numel() * 4
         True
     """
-    dev = torch.device(device)
+    dev = _resolve(device, method)
     base = resident_bytes(resident)
     if dev.type == "cuda":
-        before = torch.cuda.memory_allocated(dev)
-        return base + peak_memory(step, dev) - before
+        before, peak = _cuda_step_peak(step, dev)
+        return base + peak - before
+    if method == "allocator":
+        return base + cpu_allocator_peak(step).peak_bytes
     with LiveTensorTracker(dev.type) as tracker:
         step()
     return base + tracker.peak_bytes - tracker.baseline_bytes
