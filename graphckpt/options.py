@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -137,9 +137,20 @@ class PlanConfig:
     """Smallest tensor worth a host copy (smaller ones stay on the device)."""
     num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
+    local_search_node_visits: int = 200_000
+    """Work the per-tensor local search after the layer search may spend, in simulated graph
+    nodes (``passes/refine.py``): many moves on small graphs, few on big ones; 0 turns it off."""
+    check_plans: bool = True
+    """Under torch.distributed, check before the first step that every rank of ``plan_group``
+    made the same plan (``graphckpt.distributed``). Turn off where ranks plan different models
+    (pipeline stages), or pass the group whose ranks share one."""
+    plan_group: Any = None
+    """Process group whose ranks must agree on the plan; None: the default group."""
+    plan_check_timeout_s: float = 120.0
+    """How long the plan check waits for every rank to arrive (on gloo groups) before failing."""
 
     def __post_init__(self) -> None:
-        for name in ("allow_recompute",):
+        for name in ("allow_recompute", "check_plans"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PlanConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.allow_offload is not None and not isinstance(self.allow_offload, bool):
@@ -157,6 +168,16 @@ class PlanConfig:
         if not (isinstance(self.min_offload_bytes, int) and self.min_offload_bytes >= 0):
             raise ValueError(
                 f"PlanConfig.min_offload_bytes must be an int >= 0, got {self.min_offload_bytes!r}"
+            )
+        timeout = self.plan_check_timeout_s
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(
+                f"PlanConfig.plan_check_timeout_s must be a positive number, got {timeout!r}"
+            )
+        visits = self.local_search_node_visits
+        if not (isinstance(visits, int) and not isinstance(visits, bool) and visits >= 0):
+            raise ValueError(
+                f"PlanConfig.local_search_node_visits must be an int >= 0, got {visits!r}"
             )
         if not (isinstance(self.num_lambda_points, int) and 2 <= self.num_lambda_points <= 256):
             raise ValueError(

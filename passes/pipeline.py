@@ -2,7 +2,8 @@
 
 ``planning_partitioner`` is what ``auto_checkpoint`` (and later the compile backend) hands to
 ``passes.trace.joint_backend``: for each joint graph AOTAutograd produces it runs the planner
-under the budget, reports the Plan, and returns the rewritten forward and backward graphs.
+under the budget, checks that every rank of a distributed job made the same Plan, reports it,
+and returns the rewritten forward and backward graphs.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from graphckpt.distributed import check_plans_agree
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
+from passes.batch_norm import drop_unread_batch_norm_stats
 from passes.decompose import split_dropout
 from passes.plan import plan_pass
 from passes.rewrite import rewrite_pass
@@ -47,7 +50,10 @@ def planning_partitioner(
 
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         split_dropout(jg)
+        drop_unread_batch_norm_stats(jg)
         plan = plan_pass(jg, budget_bytes, config, device)
+        if config.check_plans:
+            check_plans_agree(plan, config.plan_group, timeout_s=config.plan_check_timeout_s)
         on_plan(plan)
         keep = plan.saved_nodes()
         by_name = {n.name: n for n in jg.gm.graph.nodes}

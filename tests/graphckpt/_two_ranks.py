@@ -22,7 +22,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...], barrier_at_end: bool
+) -> None:
     torch.set_num_threads(1)  # two processes share the CI machine's cores
     dist.init_process_group(
         "gloo",
@@ -34,17 +36,24 @@ def _entry(rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...
     body(rank, *args)
     # Both ranks finish their collectives before either tears the group down; tearing down
     # while the other rank still talks to the store aborts it.
-    dist.barrier()
+    if barrier_at_end:
+        dist.barrier()
     dist.destroy_process_group()
 
 
-def run_two_ranks(body: Callable[..., None], *args: Any) -> None:
+def run_two_ranks(body: Callable[..., None], *args: Any, barrier_at_end: bool = True) -> None:
     """Calls ``body(rank, *args)`` on ranks 0 and 1 of a gloo group; fails on error or timeout.
 
     ``body`` must be a module-level function (it is pickled by name into the new processes).
+    ``barrier_at_end=False`` skips the closing barrier, for bodies that break the group (a
+    collective that timed out closes gloo's connections).
     """
     context = mp.start_processes(
-        _entry, args=(body, _free_port(), args), nprocs=2, join=False, start_method="spawn"
+        _entry,
+        args=(body, _free_port(), args, barrier_at_end),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=0.1):
