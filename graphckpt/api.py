@@ -6,10 +6,9 @@ Both capture the model with Dynamo + AOTAutograd, plan with ``passes`` and (for
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +17,12 @@ from torch import nn
 from graphckpt.errors import GraphCkptError
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
+from graphckpt.original_step import (
+    call_key,
+    original_step_peak,
+    runs_as_is,
+    state_restored,
+)
 from graphckpt.plan import Plan
 
 __all__ = ["CheckpointedModule", "auto_checkpoint", "budget_to_bytes", "plan"]
@@ -68,6 +73,9 @@ class CheckpointedModule(nn.Module):
         object.__setattr__(self, "budget_bytes", budget_bytes)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "offloader", GraphOffloader())
+        object.__setattr__(self, "_plan_for_call", {})
+        object.__setattr__(self, "_original_fits", {})
+        object.__setattr__(self, "_latest", None)
         self.training = model.training
         object.__setattr__(self, "_compiled", self._make_compiled())
 
@@ -90,7 +98,39 @@ class CheckpointedModule(nn.Module):
     @property
     def plan(self) -> Plan | None:
         """The plan for the input shapes of the latest training call (None before the first)."""
+        if self._latest is not None:
+            return self._latest
         return self.plans[-1] if self.plans else None
+
+    def backend(self, **options: Any) -> Any:
+        """A ``torch.compile`` backend that plans this module's step under the same budget.
+
+        ``torch.compile(ckpt, backend=ckpt.backend())`` compiles the wrapped model as one graph
+        (no break at the wrapper) and applies a plan made for the same budget and options inside
+        it; by default inductor compiles the rewritten forward and backward graphs.
+
+        Args:
+            options: keyword arguments of :func:`graphckpt.backend` other than the budget and
+                config (``compiler``, ``on_plan``).
+
+        Returns:
+            A :class:`graphckpt.backend.GraphCkptBackend`.
+        """
+        from graphckpt.backend import backend
+
+        return backend(self.budget_bytes / (1 << 30), config=self.config, **options)
+
+    def compile(self, *, backend_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Compile this module in place, like ``nn.Module.compile``, with :meth:`backend` as the
+        backend unless ``backend`` is given, so the compiled step is planned for this budget.
+
+        Args:
+            backend_options: keyword arguments for :meth:`backend`.
+            kwargs: keyword arguments of ``torch.compile``.
+        """
+        if "backend" not in kwargs:
+            kwargs["backend"] = self.backend(**(backend_options or {}))
+        super().compile(**kwargs)
 
     def train(self, mode: bool = True) -> CheckpointedModule:
         """Set training mode on the wrapped model too (its own forward may read it)."""
@@ -106,8 +146,41 @@ class CheckpointedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model: planned and rewritten when grad is enabled, as-is otherwise."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Inside an outer torch.compile the wrapped model is traced as it is, so the outer
+            # compile sees one graph; ``self.backend()`` plans that graph under the same budget.
             return self.wrapped(*args, **kwargs)
+        key = call_key(args, kwargs, self.training)
+        known = self._plan_for_call.get(key) if key is not None else None
+        if known is not None and self._original_fits.get(key, False):
+            # The plan keeps everything and the original step fits: it is the same step, bitwise,
+            # without the fx graphs' per-op overhead.
+            object.__setattr__(self, "_latest", known)
+            return self.wrapped(*args, **kwargs)
+        num_plans = len(self.plans)
+        out = self._run_compiled(args, kwargs)
+        if len(self.plans) > num_plans and key is not None:
+            self._plan_for_call[key] = self.plans[-1]
+        object.__setattr__(self, "_latest", self._plan_for_call.get(key, self.plan))
+        return out
+
+    def measure_original(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Let calls like this one run the original module when that is the plan's step.
+
+        When the plan for these inputs keeps everything on the device, measure one plain step of
+        the original module (state restored afterwards); if it fits the budget, later calls with
+        the same input signature call the original directly. :func:`auto_checkpoint` does this
+        when given example inputs, outside any training step, since the measurement itself
+        allocates a step's memory.
+        """
+        key = call_key(args, kwargs, self.training)
+        known = self._plan_for_call.get(key) if key is not None else None
+        if known is None or not runs_as_is(known) or key in self._original_fits:
+            return
+        peak = original_step_peak(self.wrapped, args, kwargs)
+        self._original_fits[key] = peak <= self.budget_bytes
+
+    def _run_compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from passes.trace import describe_trace_failure, dynamo_settings
 
         try:
@@ -123,32 +196,11 @@ class CheckpointedModule(nn.Module):
             raise describe_trace_failure(self.wrapped, e) from e
 
 
-@contextlib.contextmanager
-def _state_restored(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
-    """Put the model's buffers, the tensor ``inputs`` and the CPU RNG back as they were.
-
-    Planning runs (or traces) one training forward; it must not update BatchNorm statistics,
-    mutate the caller's inputs or advance the generator.
-    """
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-    before = [x.detach().clone() for x in tensors]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-            for x, saved in zip(tensors, before):
-                x.copy_(saved)
-
-
 def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
     """Plan by running one training forward, leaving the model's state as it was."""
-    with _state_restored(wrapped.wrapped, [*args, *kwargs.values()]), torch.enable_grad():
+    with state_restored(wrapped.wrapped, [*args, *kwargs.values()]), torch.enable_grad():
         wrapped(*args, **kwargs)
+    wrapped.measure_original(args, kwargs)
 
 
 def auto_checkpoint(
@@ -196,7 +248,14 @@ def auto_checkpoint(
         raise TypeError(f"auto_checkpoint expects an nn.Module, got {type(model).__name__}")
     budget_bytes = budget_to_bytes(budget_gb)
     cfg = PlanConfig.from_options(config, options)
-    wrapped = CheckpointedModule(model, budget_bytes, cfg)
+    from graphckpt.parallel import CheckpointedDDP, checkpoint_module
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        inner = auto_checkpoint(
+            model.module, budget_gb, example_inputs, example_kwargs=example_kwargs, config=cfg
+        )
+        return CheckpointedDDP(model, inner)
+    wrapped = checkpoint_module(model, budget_bytes, cfg)
     if example_inputs is not None or example_kwargs is not None:
         _plan_now(wrapped, tuple(example_inputs or ()), dict(example_kwargs or {}))
     return wrapped
@@ -223,6 +282,7 @@ def plan(
         >>> p.predicted_peak_bytes <= p.budget_bytes
         True
     """
+    from passes.batch_norm import drop_unread_batch_norm_stats
     from passes.decompose import split_dropout
     from passes.plan import plan_pass
     from passes.trace import capture_joint_graphs
@@ -230,7 +290,7 @@ def plan(
     budget_bytes = budget_to_bytes(budget_gb)
     cfg = PlanConfig.from_options(config, options)
     kwargs = dict(example_kwargs or {})
-    with _state_restored(model, [*example_inputs, *kwargs.values()]):
+    with state_restored(model, [*example_inputs, *kwargs.values()]):
         graphs = capture_joint_graphs(model, tuple(example_inputs), kwargs)
     if not graphs:
         raise ValueError(
@@ -238,4 +298,5 @@ def plan(
             "so there is no backward to plan"
         )
     split_dropout(graphs[0])
+    drop_unread_batch_norm_stats(graphs[0])
     return plan_pass(graphs[0], budget_bytes, cfg, _model_device(model, example_inputs))

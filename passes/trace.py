@@ -153,12 +153,16 @@ def dynamo_settings() -> Iterator[None]:
 
 def describe_trace_failure(model: torch.nn.Module, error: BaseException) -> TraceError:
     """Turn a Dynamo/AOTAutograd failure into a TraceError that names the module and the op."""
+    from graphckpt.parallel import wrapping_hint
+
     detail = str(error).strip()
-    return TraceError(
-        f"graphckpt could not capture {type(model).__name__} as a single graph, so it cannot plan "
-        f"it under a budget (it never falls back to running without a plan).\n{detail}\n"
+    advice = wrapping_hint(model) or (
         "Make the operation traceable (avoid data-dependent Python control flow, .item(), "
         "or printing inside forward), or apply graphckpt to the submodules around it."
+    )
+    return TraceError(
+        f"graphckpt could not capture {type(model).__name__} as a single graph, so it cannot plan "
+        f"it under a budget (it never falls back to running without a plan).\n{detail}\n{advice}"
     )
 
 

@@ -1,0 +1,137 @@
+"""When ``auto_checkpoint`` may run the original module instead of the rewritten graphs.
+
+A plan that keeps every saved tensor on the device (nothing recomputed, nothing offloaded)
+computes the original step, bitwise. The rewritten fx graphs only add per-op overhead then, so
+the wrapper calls the original module, provided the original step itself fits the budget: eager
+PyTorch can hold more than the joint graph does (its CPU attention kernel with dropout saves the
+attention weights, for example), so that is measured once per input signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+from graphckpt.memory import step_peak_bytes
+from graphckpt.plan import Plan
+
+__all__ = ["CallKey", "call_key", "original_step_peak", "runs_as_is", "state_restored"]
+
+CallKey = tuple[Any, ...]
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def runs_as_is(plan: Plan) -> bool:
+    """True when ``plan`` recomputes and offloads nothing, so the original step is that plan.
+
+    Example:
+        >>> from graphckpt.examples import gpt_example
+        >>> import graphckpt
+        >>> model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+        >>> runs_as_is(graphckpt.plan(model, inputs, budget_gb=1.0))
+        True
+    """
+    return all(t.action == "keep" for t in plan.tensors) and plan.recompute_seconds == 0
+
+
+def call_key(args: Sequence[Any], kwargs: dict[str, Any], training: bool) -> CallKey | None:
+    """What a plan depends on in one call: the arguments' structure, each tensor's shape,
+    dtype, device and ``requires_grad``, plain values, and the training flag.
+
+    Returns:
+        A hashable key, or None when an argument is neither a tensor nor a plain value.
+
+    Example:
+        >>> call_key((torch.ones(2, 3),), {"scale": 2.0}, True) is not None
+        True
+    """
+    leaves, spec = tree_flatten((tuple(args), kwargs))
+    key: list[Any] = [training, str(spec)]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            key.append((tuple(x.shape), x.dtype, x.device, x.requires_grad))
+        elif isinstance(x, _PLAIN):
+            key.append((type(x), x))
+        else:
+            return None
+    return tuple(key)
+
+
+@contextlib.contextmanager
+def state_restored(model: nn.Module, inputs: Sequence[Any]) -> Iterator[None]:
+    """Put the model's buffers, the tensor ``inputs`` and the CPU RNG back as they were.
+
+    Planning runs (or traces) one training forward; it must not update BatchNorm statistics,
+    mutate the caller's inputs or advance the generator.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with state_restored(bn, ()):
+        ...     _ = bn(torch.randn(4, 3))
+        >>> int(bn.num_batches_tracked)
+        0
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    before = [x.detach().clone() for x in tensors]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+            for x, saved in zip(tensors, before):
+                x.copy_(saved)
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.requires_grad)
+    return x
+
+
+def original_step_peak(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
+    """Measure the peak of one plain forward+backward of ``model``, leaving no trace of it.
+
+    The budget's peak (DESIGN.md): parameters, buffers and tensor inputs, plus what the step
+    allocates, with ``.grad`` None at the start. Backward runs from every output that requires
+    grad (a non-scalar output with a gradient of ones), down to the parameters and the (detached)
+    inputs. Buffers, inputs, the CPU RNG and the parameters' ``.grad`` are restored afterwards.
+
+    Returns:
+        The peak in bytes.
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> original_step_peak(lin, (torch.randn(2, 4),), {}) > 0
+        True
+    """
+    params = list(model.parameters())
+    # Detached inputs: backward must stop here, not run into the caller's graph upstream.
+    args = tuple(_detached(x) for x in args)
+    kwargs = {k: _detached(v) for k, v in kwargs.items()}
+    inputs = [*args, *kwargs.values()]
+    resident = [*params, *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
+    device = params[0].device if params else torch.device("cpu")
+    grads = [p.grad for p in params]
+
+    def step() -> None:
+        outs = [o for o in tree_leaves(model(*args, **kwargs)) if isinstance(o, torch.Tensor)]
+        outs = [o for o in outs if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    try:
+        for p in params:
+            p.grad = None
+        with state_restored(model, inputs), torch.enable_grad():
+            return step_peak_bytes(step, resident, device)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g

@@ -1,0 +1,106 @@
+"""Tests of graphckpt/original_step.py and of the keep-all shortcut in api.py: a plan that keeps
+everything runs the original module (measured to fit first), bitwise the same step."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import graphckpt
+from benchmarks.measure import grads_equal, measure_step
+from graphckpt.original_step import call_key, original_step_peak, runs_as_is, state_restored
+
+
+class _Loss(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).square().mean()
+
+
+def test_call_key_tracks_shapes_values_and_mode() -> None:
+    x = torch.ones(2, 3)
+    assert call_key((x,), {}, True) == call_key((torch.zeros(2, 3),), {}, True)
+    assert call_key((x,), {}, True) != call_key((torch.ones(3, 3),), {}, True)
+    assert call_key((x,), {}, True) != call_key((x,), {}, False)
+    assert call_key((x, 1), {}, True) != call_key((x, 2), {}, True)
+    assert call_key((x,), {"f": object()}, True) is None
+
+
+def test_original_step_peak_restores_state() -> None:
+    torch.manual_seed(0)
+    model = _Loss(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)))
+    x = torch.randn(4, 8, requires_grad=True)
+    y = x * 2  # upstream graph the measurement must not run into
+    model.body[0].weight.grad = torch.ones(8, 8)
+    rng = torch.get_rng_state()
+    stats = [b.clone() for b in model.buffers()]
+    expected = measure_step(copy.deepcopy(model), (y.detach(),), seed=0).peak_bytes
+    torch.set_rng_state(rng)
+    peak = original_step_peak(model, (y,), {})
+    assert peak >= expected
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    assert torch.equal(model.body[0].weight.grad, torch.ones(8, 8))
+    assert model.body[0].bias.grad is None
+    assert x.grad is None
+    y.sum().backward()  # the caller's graph is intact
+    assert torch.equal(x.grad, torch.full((4, 8), 2.0))
+
+
+def test_state_restored_undoes_input_mutation() -> None:
+    x = torch.zeros(3)
+    with state_restored(nn.Identity(), (x,)):
+        x.add_(1)
+    assert torch.equal(x, torch.zeros(3))
+
+
+def test_keep_all_plan_runs_the_original_bitwise(tiny_gpt) -> None:
+    model, inputs = tiny_gpt
+    reference = measure_step(copy.deepcopy(model), inputs, seed=5)
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), 1.0, example_inputs=inputs)
+    assert ckpt.plan is not None and runs_as_is(ckpt.plan)
+    calls: list[int] = []
+    ckpt.wrapped.register_forward_hook(lambda *_: calls.append(1))
+    compiled_calls: list[int] = []
+    run_compiled = ckpt._run_compiled
+
+    def counted(*args):
+        compiled_calls.append(1)
+        return run_compiled(*args)
+
+    ckpt._run_compiled = counted  # type: ignore[method-assign]
+    result = measure_step(ckpt, inputs, seed=5)
+    assert calls and not compiled_calls  # the original module ran, not the fx graphs
+    assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
+    assert result.peak_bytes == reference.peak_bytes <= ckpt.budget_bytes
+    idx, targets = inputs
+    ckpt(idx[:1], targets[:1]).backward()  # a new shape still plans
+    assert len(ckpt.plans) == 2 and ckpt.plan is ckpt.plans[-1]
+    ckpt(*inputs).backward()
+    assert ckpt.plan is ckpt.plans[0]
+
+
+def test_plan_with_recompute_runs_the_rewritten_graphs(tiny_gpt) -> None:
+    model, inputs = tiny_gpt
+    wide = graphckpt.plan(model, inputs, budget_gb=1.0)
+    budget = (wide.min_peak_bytes + wide.max_peak_bytes) // 2
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), budget / 2**30, example_inputs=inputs)
+    assert ckpt.plan is not None and not runs_as_is(ckpt.plan)
+    assert not any(ckpt._original_fits.values())
+
+
+def test_original_over_budget_is_not_run() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    inputs = (torch.randn(32, 64),)
+    loss_model = _Loss(model)
+    wide = graphckpt.plan(loss_model, inputs, budget_gb=1.0)
+    eager = measure_step(copy.deepcopy(loss_model), inputs, seed=0).peak_bytes
+    ckpt = graphckpt.auto_checkpoint(loss_model, wide.max_peak_bytes / 2**30, example_inputs=inputs)
+    fits = list(ckpt._original_fits.values())
+    assert fits == [eager <= ckpt.budget_bytes]
