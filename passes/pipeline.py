@@ -17,6 +17,7 @@ from graphckpt.distributed import check_plans_agree
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
+from passes.batch_norm import drop_unread_batch_norm_stats
 from passes.decompose import split_dropout
 from passes.plan import plan_pass
 from passes.rewrite import rewrite_pass
@@ -49,6 +50,7 @@ def planning_partitioner(
 
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         split_dropout(jg)
+        drop_unread_batch_norm_stats(jg)
         plan = plan_pass(jg, budget_bytes, config, device)
         if config.check_plans:
             check_plans_agree(plan, config.plan_group, timeout_s=config.plan_check_timeout_s)
