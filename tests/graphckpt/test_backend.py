@@ -13,6 +13,7 @@ from torch import nn
 
 import graphckpt
 from graphckpt.backend import GraphCkptBackend, _eager_only_reason
+from graphckpt.examples import gpt_example
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
@@ -95,6 +96,19 @@ def test_inductor_recomputes_and_matches_eager_grads(tiny_gpt) -> None:
         inductor_cfg.fallback_random,
     )
     assert after == before
+
+
+def test_inductor_keeps_dropout_draws_in_program_order() -> None:
+    """A keep-all plan: inductor's peak-memory reordering used to move the split dropout draws
+    (a fresh buffer each, filled by ``bernoulli_``), so masks and gradients differed from eager."""
+    model, inputs = gpt_example(batch=2, seq=32, n_layer=2, n_embd=32)
+    compiled_model = copy.deepcopy(model)
+    ref_loss, ref_grads = _grads(model, inputs, seed=0)
+    loss, grads = _grads(compiled_model, inputs, seed=0, backend=graphckpt.backend(1024.0))
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+    assert torch._inductor.config.reorder_for_peak_memory  # restored after the compile
 
 
 class _TwoHalves(nn.Module):
