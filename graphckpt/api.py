@@ -150,7 +150,7 @@ class CheckpointedModule(nn.Module):
             # Inside an outer torch.compile the wrapped model is traced as it is, so the outer
             # compile sees one graph; ``self.backend()`` plans that graph under the same budget.
             return self.wrapped(*args, **kwargs)
-        key = call_key(args, kwargs, self.training)
+        key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
         if known is not None and self._original_fits.get(key, False):
             # The plan keeps everything and the original step fits: it is the same step, bitwise,
@@ -173,7 +173,7 @@ class CheckpointedModule(nn.Module):
         when given example inputs, outside any training step, since the measurement itself
         allocates a step's memory.
         """
-        key = call_key(args, kwargs, self.training)
+        key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
         if known is None or not runs_as_is(known) or key in self._original_fits:
             return

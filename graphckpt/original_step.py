@@ -39,20 +39,21 @@ def runs_as_is(plan: Plan) -> bool:
     return all(t.action == "keep" for t in plan.tensors) and plan.recompute_seconds == 0
 
 
-def call_key(args: Sequence[Any], kwargs: dict[str, Any], training: bool) -> CallKey | None:
+def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> CallKey | None:
     """What a plan depends on in one call: the arguments' structure, each tensor's shape,
-    dtype, device and ``requires_grad``, plain values, and the training flag.
+    dtype, device and ``requires_grad`` (the arguments', the parameters' and the buffers'), plain
+    values, and the training flag.
 
     Returns:
         A hashable key, or None when an argument is neither a tensor nor a plain value.
 
     Example:
-        >>> call_key((torch.ones(2, 3),), {"scale": 2.0}, True) is not None
+        >>> call_key(nn.Linear(3, 1), (torch.ones(2, 3),), {"scale": 2.0}) is not None
         True
     """
     leaves, spec = tree_flatten((tuple(args), kwargs))
-    key: list[Any] = [training, str(spec)]
-    for x in leaves:
+    key: list[Any] = [model.training, str(spec)]
+    for x in [*leaves, *model.parameters(), *model.buffers()]:
         if isinstance(x, torch.Tensor):
             key.append((tuple(x.shape), x.dtype, x.device, x.requires_grad))
         elif isinstance(x, _PLAIN):

@@ -22,13 +22,18 @@ class _Loss(nn.Module):
         return self.body(x).square().mean()
 
 
-def test_call_key_tracks_shapes_values_and_mode() -> None:
-    x = torch.ones(2, 3)
-    assert call_key((x,), {}, True) == call_key((torch.zeros(2, 3),), {}, True)
-    assert call_key((x,), {}, True) != call_key((torch.ones(3, 3),), {}, True)
-    assert call_key((x,), {}, True) != call_key((x,), {}, False)
-    assert call_key((x, 1), {}, True) != call_key((x, 2), {}, True)
-    assert call_key((x,), {"f": object()}, True) is None
+def test_call_key_tracks_shapes_values_mode_and_parameters() -> None:
+    lin, x = nn.Linear(3, 1), torch.ones(2, 3)
+    key = call_key(lin, (x,), {})
+    assert key == call_key(lin, (torch.zeros(2, 3),), {})
+    assert key != call_key(lin, (torch.ones(3, 3),), {})
+    assert call_key(lin, (x, 1), {}) != call_key(lin, (x, 2), {})
+    assert call_key(lin, (x,), {"f": object()}) is None
+    lin.eval()
+    assert key != call_key(lin, (x,), {})
+    lin.train()
+    lin.weight.requires_grad_(False)
+    assert key != call_key(lin, (x,), {})
 
 
 def test_original_step_peak_restores_state() -> None:
