@@ -19,8 +19,8 @@ from graphckpt.graph_offload import GraphOffloader
 from graphckpt.options import PlanConfig
 from graphckpt.original_step import (
     call_key,
+    may_run_original,
     original_step_peak,
-    runs_as_is,
     state_restored,
 )
 from graphckpt.plan import Plan
@@ -76,6 +76,7 @@ class CheckpointedModule(nn.Module):
         object.__setattr__(self, "_plan_for_call", {})
         object.__setattr__(self, "_original_fits", {})
         object.__setattr__(self, "_latest", None)
+        object.__setattr__(self, "_ran_original", False)
         self.training = model.training
         object.__setattr__(self, "_compiled", self._make_compiled())
 
@@ -101,6 +102,12 @@ class CheckpointedModule(nn.Module):
         if self._latest is not None:
             return self._latest
         return self.plans[-1] if self.plans else None
+
+    @property
+    def runs_original(self) -> bool:
+        """Whether the latest training call ran the original module instead of the rewritten
+        graphs of ``plan`` (its step was measured to fit the budget: :meth:`measure_original`)."""
+        return bool(self._ran_original)
 
     def backend(self, **options: Any) -> Any:
         """A ``torch.compile`` backend that plans this module's step under the same budget.
@@ -152,8 +159,10 @@ class CheckpointedModule(nn.Module):
             return self.wrapped(*args, **kwargs)
         key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
-        if known is not None and self._original_fits.get(key, False):
-            # The plan keeps everything and the original step fits: it is the same step, bitwise,
+        fits = known is not None and self._original_fits.get(key, False)
+        object.__setattr__(self, "_ran_original", fits)
+        if fits:
+            # The original step fits the budget: the same step, bitwise, with no recompute and
             # without the fx graphs' per-op overhead.
             object.__setattr__(self, "_latest", known)
             return self.wrapped(*args, **kwargs)
@@ -165,17 +174,17 @@ class CheckpointedModule(nn.Module):
         return out
 
     def measure_original(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-        """Let calls like this one run the original module when that is the plan's step.
+        """Let calls like this one run the original module when its step fits the budget.
 
-        When the plan for these inputs keeps everything on the device, measure one plain step of
-        the original module (state restored afterwards); if it fits the budget, later calls with
-        the same input signature call the original directly. :func:`auto_checkpoint` does this
-        when given example inputs, outside any training step, since the measurement itself
-        allocates a step's memory.
+        When the plan for these inputs recomputes no FLOPs and offloads nothing, measure one
+        plain step of the original module (state restored afterwards); if it fits the budget,
+        later calls with the same input signature call the original directly. The plan made for
+        them stays in ``plans``. :func:`auto_checkpoint` does this when given example inputs,
+        outside any training step, since the measurement itself allocates a step's memory.
         """
         key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
-        if known is None or not runs_as_is(known) or key in self._original_fits:
+        if known is None or not may_run_original(known) or key in self._original_fits:
             return
         peak = original_step_peak(self.wrapped, args, kwargs)
         self._original_fits[key] = peak <= self.budget_bytes

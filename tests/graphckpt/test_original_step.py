@@ -1,5 +1,5 @@
-"""Tests of graphckpt/original_step.py and of the keep-all shortcut in api.py: a plan that keeps
-everything runs the original module (measured to fit first), bitwise the same step."""
+"""Tests of graphckpt/original_step.py and of its use in api.py: when the original step is
+measured to fit the budget, the wrapper runs the original module, bitwise the same step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 import graphckpt
 from benchmarks.measure import grads_equal, measure_step
-from graphckpt.original_step import call_key, original_step_peak, runs_as_is, state_restored
+from graphckpt.original_step import call_key, may_run_original, original_step_peak, state_restored
 
 
 class _Loss(nn.Module):
@@ -64,11 +64,11 @@ def test_state_restored_undoes_input_mutation() -> None:
     assert torch.equal(x, torch.zeros(3))
 
 
-def test_keep_all_plan_runs_the_original_bitwise(tiny_gpt) -> None:
+def test_fitting_original_runs_bitwise(tiny_gpt) -> None:
     model, inputs = tiny_gpt
     reference = measure_step(copy.deepcopy(model), inputs, seed=5)
     ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), 1.0, example_inputs=inputs)
-    assert ckpt.plan is not None and runs_as_is(ckpt.plan)
+    assert ckpt.plan is not None and may_run_original(ckpt.plan)
     calls: list[int] = []
     ckpt.wrapped.register_forward_hook(lambda *_: calls.append(1))
     compiled_calls: list[int] = []
@@ -81,11 +81,12 @@ def test_keep_all_plan_runs_the_original_bitwise(tiny_gpt) -> None:
     ckpt._run_compiled = counted  # type: ignore[method-assign]
     result = measure_step(ckpt, inputs, seed=5)
     assert calls and not compiled_calls  # the original module ran, not the fx graphs
+    assert ckpt.runs_original
     assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
     assert result.peak_bytes == reference.peak_bytes <= ckpt.budget_bytes
     idx, targets = inputs
     ckpt(idx[:1], targets[:1]).backward()  # a new shape still plans
-    assert len(ckpt.plans) == 2 and ckpt.plan is ckpt.plans[-1]
+    assert len(ckpt.plans) == 2 and ckpt.plan is ckpt.plans[-1] and not ckpt.runs_original
     ckpt(*inputs).backward()
     assert ckpt.plan is ckpt.plans[0]
 
@@ -95,8 +96,10 @@ def test_plan_with_recompute_runs_the_rewritten_graphs(tiny_gpt) -> None:
     wide = graphckpt.plan(model, inputs, budget_gb=1.0)
     budget = (wide.min_peak_bytes + wide.max_peak_bytes) // 2
     ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), budget / 2**30, example_inputs=inputs)
-    assert ckpt.plan is not None and not runs_as_is(ckpt.plan)
+    assert ckpt.plan is not None and not may_run_original(ckpt.plan)
     assert not any(ckpt._original_fits.values())
+    ckpt(*inputs).backward()
+    assert not ckpt.runs_original
 
 
 def test_original_over_budget_is_not_run() -> None:
