@@ -1,0 +1,20 @@
+"""Smoke test for benchmarks/planner_speed.py on a tiny GPT: the chain is timed, the plan fits."""
+
+from __future__ import annotations
+
+from benchmarks.planner_speed import halfway_budget, measure
+
+_TINY = {"layers": 2, "embd": 32, "heads": 2, "seq": 16, "vocab": 64}
+
+
+def test_halfway_budget_lies_between_the_peaks() -> None:
+    found = halfway_budget(**_TINY)
+    assert found["min_peak_bytes"] <= found["budget_bytes"] <= found["max_peak_bytes"]
+    assert found["min_peak_bytes"] < found["max_peak_bytes"]
+
+
+def test_measure_times_the_chain_and_the_plan_fits() -> None:
+    result = measure(**_TINY, budget_bytes=1 << 30)
+    assert result["predicted_peak_bytes"] <= result["budget_bytes"]
+    assert result["end_to_end_s"] >= result["trace_s"] + result["plan_s"] - 1e-6
+    assert result["end_to_end_cpu_s"] > 0 and result["forward_nodes"] > 0
