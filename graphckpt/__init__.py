@@ -9,7 +9,14 @@ from graphckpt.api import CheckpointedModule, auto_checkpoint, plan
 from graphckpt.backend import GraphCkptBackend, backend
 from graphckpt.checkpoint import Checkpointer, checkpoint, non_reentrant_checkpoint
 from graphckpt.config import CheckpointConfig
-from graphckpt.errors import GraphCkptError, InfeasibleBudgetError, TraceError
+from graphckpt.errors import (
+    GraphCkptError,
+    InfeasibleBudgetError,
+    PlanAgreementTimeoutError,
+    PlanMismatchError,
+    TraceError,
+    UnsupportedWrappingError,
+)
 from graphckpt.flops import count_flops, flop_formulas
 from graphckpt.memory import LiveTensorTracker, peak_memory
 from graphckpt.options import DeviceSpec, PlanConfig
@@ -27,10 +34,13 @@ __all__ = [
     "LayerPlan",
     "LiveTensorTracker",
     "Plan",
+    "PlanAgreementTimeoutError",
     "PlanConfig",
+    "PlanMismatchError",
     "RNGStatesTracker",
     "TensorDecision",
     "TraceError",
+    "UnsupportedWrappingError",
     "auto_checkpoint",
     "backend",
     "checkpoint",

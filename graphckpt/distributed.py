@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils._python_dispatch import _disable_current_modes
 
-from graphckpt.errors import GraphCkptError
+from graphckpt.errors import PlanAgreementTimeoutError, PlanMismatchError
 from graphckpt.plan import Plan
 
 __all__ = [
@@ -37,14 +37,6 @@ _HEADER_FIELDS = (
     "max_peak_bytes",
 )
 """The Plan's own fields that take part in the hash (``planning_seconds`` does not)."""
-
-
-class PlanMismatchError(GraphCkptError):
-    """Ranks made different plans; the message names the ranks and the first differing layer."""
-
-
-class PlanAgreementTimeoutError(GraphCkptError):
-    """Some rank did not reach the plan check in time (it crashed, hung, or plans elsewhere)."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,14 @@ Bad arguments raise the builtin ``ValueError`` / ``TypeError``; everything here 
 
 from __future__ import annotations
 
-__all__ = ["GraphCkptError", "InfeasibleBudgetError", "TraceError"]
+__all__ = [
+    "GraphCkptError",
+    "InfeasibleBudgetError",
+    "PlanAgreementTimeoutError",
+    "PlanMismatchError",
+    "TraceError",
+    "UnsupportedWrappingError",
+]
 
 
 class GraphCkptError(RuntimeError):
@@ -23,3 +30,15 @@ class InfeasibleBudgetError(GraphCkptError):
 
 class TraceError(GraphCkptError):
     """The model could not be captured as a graph; the message names the module and operation."""
+
+
+class PlanMismatchError(GraphCkptError):
+    """Ranks made different plans; the message names the ranks and the first differing layer."""
+
+
+class PlanAgreementTimeoutError(GraphCkptError):
+    """Some rank did not reach the plan check in time (it crashed, hung, or plans elsewhere)."""
+
+
+class UnsupportedWrappingError(GraphCkptError):
+    """A DDP / FSDP2 wrapping graphckpt cannot plan; the message says which orders work."""

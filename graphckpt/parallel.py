@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from graphckpt.api import CheckpointedModule
-from graphckpt.errors import GraphCkptError
+from graphckpt.errors import UnsupportedWrappingError
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
 
@@ -30,10 +30,6 @@ _SUPPORTED = (
     "Supported: DDP(auto_checkpoint(m)), auto_checkpoint(DDP(m)), fully_shard(auto_checkpoint(m)) "
     "and auto_checkpoint(fully_shard(m)), with fully_shard on the root module only"
 )
-
-
-class UnsupportedWrappingError(GraphCkptError):
-    """A wrapping order graphckpt cannot plan; the message says which orders work."""
 
 
 def _is_fsdp(module: nn.Module) -> bool:
