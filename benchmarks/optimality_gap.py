@@ -4,6 +4,7 @@
 For each tiny model: capture its joint graph, sweep budgets from the MILP's smallest certifiable
 peak to the planner's keep-all peak, and at each budget compare the simulated recompute seconds.
 gap = planner / MILP - 1 (0 when both are 0); budgets the planner cannot meet are counted apart.
+Both must fit the same room, the budget minus the planner's ``HEADROOM_BYTES``.
 The MILP is exact only up to its conservative memory model (``passes/milp.py``), so a gap is
 measured against the best plan the MILP certifies, a close upper bound on the true optimum.
 
@@ -31,7 +32,7 @@ from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.examples import gpt_example
 from graphckpt.options import PlanConfig
 from passes.milp import milp_min_peak, solve_milp
-from passes.plan import build_search, plan_pass
+from passes.plan import HEADROOM_BYTES, build_search, plan_pass
 from passes.simulate import StepGraph
 from passes.trace import JointGraph, capture_joint_graphs
 
@@ -147,10 +148,12 @@ def sweep_graph(name: str, n_budgets: int = 6, time_limit_s: float = 60) -> dict
     jg = capture()
     sg = _step_graph(jg)
     wide = plan_pass(jg, 1 << 40, PlanConfig(), _CPU)
-    low = milp_min_peak(sg, time_limit_s=time_limit_s).model_peak_bytes
+    # Both solvers get the same room: the planner keeps HEADROOM_BYTES under every budget for
+    # the few bytes the simulator does not model, so the MILP is solved for that room too.
+    low = milp_min_peak(sg, time_limit_s=time_limit_s).model_peak_bytes + HEADROOM_BYTES
     rows: list[dict[str, Any]] = []
     for budget in budget_points(low, max(wide.max_peak_bytes, low), n_budgets):
-        milp = solve_milp(sg, budget, time_limit_s=time_limit_s)
+        milp = solve_milp(sg, budget - HEADROOM_BYTES, time_limit_s=time_limit_s)
         row: dict[str, Any] = {
             "budget_bytes": budget,
             "milp_seconds": milp.recompute_seconds,

@@ -137,6 +137,9 @@ class PlanConfig:
     """Smallest tensor worth a host copy (smaller ones stay on the device)."""
     num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
+    local_search_node_visits: int = 100_000
+    """Work the per-tensor local search after the layer search may spend, in simulated graph
+    nodes (``passes/refine.py``): many moves on small graphs, few on big ones; 0 turns it off."""
     check_plans: bool = True
     """Under torch.distributed, check before the first step that every rank of ``plan_group``
     made the same plan (``graphckpt.distributed``). Turn off where ranks plan different models
@@ -170,6 +173,11 @@ class PlanConfig:
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(
                 f"PlanConfig.plan_check_timeout_s must be a positive number, got {timeout!r}"
+            )
+        visits = self.local_search_node_visits
+        if not (isinstance(visits, int) and not isinstance(visits, bool) and visits >= 0):
+            raise ValueError(
+                f"PlanConfig.local_search_node_visits must be an int >= 0, got {visits!r}"
             )
         if not (isinstance(self.num_lambda_points, int) and 2 <= self.num_lambda_points <= 256):
             raise ValueError(

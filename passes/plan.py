@@ -4,7 +4,9 @@ Each distinct layer is solved once by min-cut (``passes/mincut.py``) into a list
 from "keep all" to "keep least". A greedy search then moves layers to cheaper-in-memory policies
 in order of recompute seconds per byte freed (earlier layers first on ties: their activations
 live longest), and a binary search over that sequence finds the first state whose simulated
-whole-step peak (``passes/simulate.py``) fits the budget. Returns a Plan; mutates nothing.
+whole-step peak (``passes/simulate.py``) fits the budget. A per-tensor local search
+(``passes/refine.py``) then lowers that plan's recompute, or finds a plan when no layer-level one
+fits, and gives the smallest feasible peak. Returns a Plan; mutates nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from passes.cost import estimate_costs
 from passes.layers import Segment, find_segments
 from passes.mincut import Policy, segment_policies
 from passes.offload_plan import hidden_offload_prefix
+from passes.refine import Refined, lowest_peak, refine
 from passes.simulate import FORWARD, Simulation, StepGraph, simulate
 from passes.trace import JointGraph
 
@@ -179,8 +182,9 @@ def _cost(search: PlanSearch, sim: Simulation) -> tuple[float, int]:
 
 def _first_fitting(
     search: PlanSearch, states: list[State], budget: int, num_probes: int = 12
-) -> tuple[int | None, int]:
-    """Index of the first state along ``states`` whose peak fits, and the least peak seen.
+) -> tuple[int | None, int, int]:
+    """Index of the first state along ``states`` whose peak fits, the least peak seen, and
+    the index of the state that had it.
 
     The peak is not monotone along the sequence (recompute transients can outweigh what a step
     frees), so evenly spaced probes are simulated first; the first fitting probe is then
@@ -189,32 +193,32 @@ def _first_fitting(
     last = len(states) - 1
     probes = sorted({round(i * last / (num_probes - 1)) for i in range(num_probes)})
     peaks = {i: search.run(states[i]).peak_bytes for i in probes}
-    least = min(peaks.values())
+    at = min(peaks, key=lambda i: (peaks[i], i))
+    least = peaks[at]
     fitting = [i for i in probes if peaks[i] <= budget]
     if not fitting:
-        return None, least
+        return None, least, at
     hi = fitting[0]
     lo = max((i for i in probes if i < hi), default=hi) + (0 if hi == 0 else 1)
     while lo < hi:
         mid = (lo + hi) // 2
         peak = search.run(states[mid]).peak_bytes
-        least = min(least, peak)
+        if peak < least:
+            least, at = peak, mid
         if peak <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return hi, least
+    return hi, least, at
 
 
 def _describe(
-    search: PlanSearch, state: State, sim: Simulation
+    search: PlanSearch, saved: set[int] | frozenset[int], offloaded: set[int], sim: Simulation
 ) -> tuple[list[LayerPlan], list[TensorDecision]]:
     sg = search.sg
     recomputed = set(sim.recomputed)
-    offloaded = search.offloaded_for(state)
     anchors = sim.reload_before or {}
     layers, tensors = [], []
-    saved = search.saved_for(state)
     for seg, segment in enumerate(search.segments):
         mine = search.members[seg]
         kept = [v for v in mine if v in saved and v not in offloaded]
@@ -248,6 +252,19 @@ def _describe(
     return layers, tensors
 
 
+def _lowest(search: PlanSearch, state: State, keep_all: State, config: PlanConfig) -> Refined:
+    """The lowest-peak plan: the layer search's lowest state and keep-all, lowered per tensor."""
+    offloaded = search.offloaded_for(state)
+    starts = [search.saved_for(state)] + ([] if offloaded else [search.saved_for(keep_all)])
+    return lowest_peak(
+        search.sg,
+        starts,
+        max_node_visits=config.local_search_node_visits if config.allow_recompute else 0,
+        offloaded=offloaded,
+        link_bytes_per_s=search.link_bytes_per_s,
+    )
+
+
 def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: torch.device) -> Plan:
     """Plan one joint graph under ``budget_bytes`` (the whole step's peak, DESIGN.md).
 
@@ -269,18 +286,17 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     states = greedy_sequence(search)
     most = search.run(states[0])
     room = budget_bytes - HEADROOM_BYTES
-    best, least = _first_fitting(search, states, room)
+    best, least, at = _first_fitting(search, states, room)
     # Megatron's block method is in the planner's space too: never worse than it by the cost
     # model, and sometimes the only fit when the greedy order's peak is not monotone.
     prefixes = prefix_states(search)
-    k, least_k = _first_fitting(search, prefixes, room, num_probes=4)
-    least = min(least, least_k) + HEADROOM_BYTES  # the smallest budget that plans
-    candidates = [search.run(states[best])] if best is not None else []
-    chosen = [states[best]] if best is not None else []
-    if k is not None:
-        candidates.append(search.run(prefixes[k]))
-        chosen.append(prefixes[k])
-    if not candidates:
+    k, least_k, at_k = _first_fitting(search, prefixes, room, num_probes=4)
+    fits = [states[best]] if best is not None else []
+    fits += [prefixes[k]] if k is not None else []
+    lowest_state = states[at] if least <= least_k else prefixes[at_k]
+    low = _lowest(search, lowest_state, states[0], config)
+    least = low.sim.peak_bytes + HEADROOM_BYTES  # the smallest budget that plans
+    if low.sim.peak_bytes > room:
         raise InfeasibleBudgetError(
             f"budget {budget_bytes / 2**30:.3f} GiB ({budget_bytes / _MIB:.1f} MiB) is below the "
             f"smallest feasible peak {least / 2**30:.3f} GiB ({least / _MIB:.1f} MiB) for this "
@@ -288,9 +304,23 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
             "(recompute/offload)",
             min_feasible_bytes=least,
         )
-    pick = min(range(len(candidates)), key=lambda i: _cost(search, candidates[i]))
-    state, sim = chosen[pick], candidates[pick]
-    layers, tensors = _describe(search, state, sim)
+    # Start the per-tensor search from the cheapest layer-level fit, else the lowest plan.
+    if fits:
+        state = min(fits, key=lambda st: _cost(search, search.run(st)))
+        first, offloaded = search.saved_for(state), search.offloaded_for(state)
+    else:
+        first, offloaded = set(low.saved), search.offloaded_for(lowest_state)
+    found = refine(
+        search.sg,
+        first,
+        min(room, most.peak_bytes),  # above keep-all's peak the cheapest plan is known
+        max_node_visits=config.local_search_node_visits if config.allow_recompute else 0,
+        keep_all=search.saved_for(states[0]) if not offloaded else (),
+        offloaded=offloaded,
+        link_bytes_per_s=search.link_bytes_per_s,
+    )
+    sim = found.sim
+    layers, tensors = _describe(search, found.saved, offloaded, sim)
     return Plan(
         budget_bytes=budget_bytes,
         predicted_peak_bytes=sim.peak_bytes,

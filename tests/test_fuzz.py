@@ -171,14 +171,20 @@ _TUPLE_SPECS = {
 }
 
 
-@pytest.mark.xfail(
+_TUPLE_OVER_BUDGET = pytest.mark.xfail(
     strict=True,
-    reason="tuple-returning models: the wrapped module's own step (outputs held, gradients of "
-    "ones made after forward) peaks above the budget (by 40 bytes with batch norm, by ~10% on "
-    "the conv model at 84% of the feasible range), and the simulator's prediction is off by "
-    "up to 13% in either direction; with the loss inside forward the same models fit",
+    reason="tuple-returning model, loss outside: the wrapped module's own step (outputs held, "
+    "gradients of ones made after forward) peaks ~10% above the budget at 84% of the feasible "
+    "range, and the simulator's prediction is off by up to 13% in either direction; with the "
+    "loss inside forward the same model fits. (The batch-norm model was 40 bytes over with the "
+    "layer search alone; the per-tensor search's plan fits.)",
 )
-@pytest.mark.parametrize("name", list(_TUPLE_SPECS))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[_TUPLE_OVER_BUDGET] if n == "conv" else []) for n in _TUPLE_SPECS],
+)
 def test_tuple_outputs_peak(name: str) -> None:
     spec = _TUPLE_SPECS[name]
     model, inputs = FuzzModel(spec, seed=0), spec.inputs(seed=1)
