@@ -1,0 +1,341 @@
+"""Sweep ``graphckpt.backend`` over budgets against torch.compile's ``activation_memory_budget``.
+
+For each benchmark model: find graphckpt's smallest feasible budget and its compiled
+no-checkpoint peak, then at budgets between them compile a training step with
+``torch.compile(backend=graphckpt.backend(budget))`` (inductor) and record the compiled step's
+peak, measured at the CPU allocator (``step_peak_bytes(method="allocator")``: memory inside
+inductor's generated code included; CUDA memory stats on a GPU), its gradients against the
+eager unmodified model (dropout active, same seed), and its step time against plain
+``torch.compile`` (inductor, default partitioner) with ``activation_memory_budget`` tuned by
+bisection over the fraction to reach the same peak, timed interleaved in the same run.
+
+Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
+per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
+.reset()`` starts each model afresh.
+
+Run::
+
+    python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
+        [--repeats 5] [--bisect-steps 2] [--out benchmarks/results/compile_sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+import graphckpt
+from benchmarks.compile_variants import (
+    Variant,
+    compile_variant,
+    graphckpt_min_feasible,
+    measure_variant,
+    torch_inductor_backend,
+)
+from benchmarks.measure import time_steps
+from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
+from benchmarks.planner_sweep import budget_points, machine_info
+
+__all__ = ["TorchCurve", "main", "summary_table", "sweep", "sweep_model"]
+
+SEED = 0
+HUGE_BUDGET_GB = 1024.0
+"""A budget no benchmark model reaches: graphckpt keeps every activation."""
+INITIAL_FRACTIONS: tuple[float, ...] = (0.0, 0.5, 1.0)
+_MIB = 2**20
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class TorchCurve:
+    """torch.compile's measured peak per ``activation_memory_budget`` fraction, compiled lazily.
+
+    ``variants`` maps each fraction tried to its compiled :class:`Variant`; the points are the
+    curve the JSON records (not monotone in general).
+    """
+
+    def __init__(
+        self,
+        bench: BenchModel,
+        ref_grads: dict[str, torch.Tensor],
+        tag: str,
+        initial: Sequence[float] = INITIAL_FRACTIONS,
+    ) -> None:
+        self.bench = bench
+        self.ref_grads = ref_grads
+        self.tag = tag
+        self.initial = tuple(initial)
+        self.variants: dict[float, Variant] = {}
+
+    def get(self, fraction: float) -> Variant:
+        """The compiled and measured variant at ``fraction`` (compiled on first use)."""
+        if fraction not in self.variants:
+            backend = torch_inductor_backend(fraction)
+            v = compile_variant(f"torch@{fraction:g}", self.bench, backend)
+            v.fraction = fraction
+            measure_variant(v, self.bench, self.ref_grads, seed=SEED)
+            self.variants[fraction] = v
+            _log(
+                f"[{self.tag}] torch fraction {fraction:g}: peak {v.peak_bytes / _MIB:.2f} MiB "
+                f"(compiled in {v.compile_s:.0f} s)"
+            )
+        return self.variants[fraction]
+
+    def fitting(self, budget: int) -> list[float]:
+        """Fractions tried so far whose measured peak is at or below ``budget``."""
+        return [f for f, v in self.variants.items() if v.peak_bytes <= budget]
+
+    def tune(self, budget: int, bisect_steps: int) -> Variant | None:
+        """The variant whose peak is the highest at or below ``budget``, after bisecting.
+
+        Each step tries the midpoint between the largest fitting fraction and the next larger
+        one tried, or, while none fits, between the lowest-peak fraction and its lower
+        neighbour. The curve is not monotone, so this finds a fitting point, not necessarily the
+        best one. None when no fraction tried fits.
+        """
+        for f in self.initial:
+            self.get(f)
+        for _ in range(bisect_steps):
+            mid = self._next_fraction(budget)
+            if mid is None:
+                break
+            self.get(mid)
+        fits = self.fitting(budget)
+        if not fits:
+            return None
+        best = max(fits, key=lambda f: (self.variants[f].peak_bytes, f))
+        return self.variants[best]
+
+    def _next_fraction(self, budget: int) -> float | None:
+        fits = self.fitting(budget)
+        tried = sorted(self.variants)
+        if fits:
+            lo = max(fits)
+            above = [f for f in tried if f > lo]
+            pair = (lo, above[0]) if above else None
+        else:
+            lowest = min(tried, key=lambda f: self.variants[f].peak_bytes)
+            below = [f for f in tried if f < lowest]
+            above = [f for f in tried if f > lowest]
+            pair = (below[-1], lowest) if below else ((lowest, above[0]) if above else None)
+        if pair is None:
+            return None
+        mid = round((pair[0] + pair[1]) / 2, 4)
+        return None if mid in self.variants else mid
+
+    def points(self) -> list[dict[str, Any]]:
+        """The curve: fraction, measured peak and compile seconds, by fraction."""
+        return [
+            {"fraction": f, "peak_bytes": v.peak_bytes, "compile_s": v.compile_s}
+            for f, v in sorted(self.variants.items())
+        ]
+
+
+def _is_monotone(peaks: Sequence[int]) -> bool:
+    return all(a <= b for a, b in itertools.pairwise(peaks))
+
+
+def _budget_row(
+    bench: BenchModel,
+    budget: int,
+    curve: TorchCurve,
+    ref_grads: dict[str, torch.Tensor],
+    *,
+    bisect_steps: int,
+) -> tuple[dict[str, Any], Variant, Variant | None]:
+    """Compile and measure graphckpt at ``budget``, and tune torch to the same measured peak."""
+    v = compile_variant(f"graphckpt@{budget}", bench, graphckpt.backend(budget_gb=budget / 2**30))
+    measure_variant(v, bench, ref_grads, seed=SEED)
+    t = curve.tune(v.peak_bytes, bisect_steps)
+    row: dict[str, Any] = {
+        "budget_bytes": budget,
+        "measured_peak_bytes": v.peak_bytes,
+        "predicted_peak_bytes": v.predicted_peak_bytes,
+        "compile_s": v.compile_s,
+        "grads_match": v.grads_match,
+        "grads_max_abs_diff": v.grads_max_abs_diff,
+        "torch_fraction": None if t is None else t.fraction,
+        "torch_peak_bytes": None if t is None else t.peak_bytes,
+        "checks": {"peak_within_budget": v.peak_bytes <= budget, "grads_match": v.grads_match},
+    }
+    torch_txt = "no torch fraction tried reaches it" if t is None else t.name
+    _log(
+        f"[{curve.tag}] budget {budget / _MIB:.2f} MiB: "
+        f"pred {(v.predicted_peak_bytes or 0) / _MIB:.2f} meas {v.peak_bytes / _MIB:.2f} MiB, "
+        f"grads {'ok' if v.grads_match else 'DIFFER'}; {torch_txt}"
+    )
+    return row, v, t
+
+
+def _time_row(
+    row: dict[str, Any], v: Variant, t: Variant | None, *, repeats: int, tag: str
+) -> None:
+    """Time graphckpt's and torch's steps interleaved (median of ``repeats``), into ``row``."""
+    candidates = {"graphckpt": v.step} | ({} if t is None else {"torch": t.step})
+    times = time_steps(candidates, repeats=repeats, warmup=2)
+    row["time_s"] = times["graphckpt"]
+    row["torch_time_s"] = times.get("torch")
+    row["time_ratio"] = None if t is None else times["graphckpt"] / times["torch"]
+    ratio = "" if t is None else f", torch {times['torch'] * 1e3:.1f} ms: {row['time_ratio']:.3f}"
+    _log(
+        f"[{tag}] budget {row['budget_bytes'] / _MIB:.2f} MiB: graphckpt "
+        f"{times['graphckpt'] * 1e3:.1f} ms{ratio}"
+    )
+
+
+def _summarise(rows: list[dict[str, Any]], curve: TorchCurve) -> dict[str, Any]:
+    """Model-level checks and ratios over the budget rows (ascending budgets)."""
+    ratios = [r["time_ratio"] for r in rows if r["time_ratio"] is not None]
+    reached = [r for r in rows if r["time_ratio"] is not None]
+    lowest = reached[0] if reached else None
+    points = curve.points()
+    return {
+        "median_time_ratio": statistics.median(ratios) if ratios else None,
+        "lowest_torch_budget_bytes": None if lowest is None else lowest["budget_bytes"],
+        "time_ratio_at_lowest_torch_budget": None if lowest is None else lowest["time_ratio"],
+        "torch_min_peak_bytes": min(p["peak_bytes"] for p in points),
+        "torch_peak_monotone_in_fraction": _is_monotone([p["peak_bytes"] for p in points]),
+        "checks": {
+            "all_peak_within_budget": all(r["checks"]["peak_within_budget"] for r in rows),
+            "all_grads_match": all(r["checks"]["grads_match"] for r in rows),
+            "peak_monotone_in_budget": _is_monotone([r["measured_peak_bytes"] for r in rows]),
+            "median_time_ratio_le_1": bool(ratios) and statistics.median(ratios) <= 1.0,
+        },
+    }
+
+
+def sweep_model(
+    bench: BenchModel,
+    *,
+    n_budgets: int = 6,
+    repeats: int = 5,
+    bisect_steps: int = 2,
+    fractions: Sequence[float] = INITIAL_FRACTIONS,
+) -> dict[str, Any]:
+    """Run the whole compile sweep on one benchmark model; its JSON-ready result."""
+    torch._dynamo.reset()
+    tag = bench.name
+    ref = compile_variant("eager", bench, None)
+    measure_variant(ref, bench, None, seed=SEED)
+    ref_grads = ref.grads
+    min_feasible = graphckpt_min_feasible(bench)
+    top = compile_variant("graphckpt@keep-all", bench, graphckpt.backend(budget_gb=HUGE_BUDGET_GB))
+    measure_variant(top, bench, ref_grads, seed=SEED)
+    _log(
+        f"[{tag}] eager peak {ref.peak_bytes / _MIB:.2f} MiB; graphckpt smallest feasible "
+        f"{min_feasible / _MIB:.2f} MiB, compiled keep-all peak {top.peak_bytes / _MIB:.2f} MiB"
+    )
+    curve = TorchCurve(bench, ref_grads, tag, fractions)
+    budgets = budget_points(min_feasible, max(top.peak_bytes, min_feasible), n_budgets)
+    # Compile and measure everything first, then time: compiling leaves background work (and
+    # the profiler a slow first call) that would land in the timings.
+    made = [_budget_row(bench, b, curve, ref_grads, bisect_steps=bisect_steps) for b in budgets]
+    for row, v, t in made:
+        _time_row(row, v, t, repeats=repeats, tag=tag)
+    rows = [row for row, _, _ in made]
+    return {
+        "eager_peak_bytes": ref.peak_bytes,
+        "graphckpt_min_feasible_bytes": min_feasible,
+        "graphckpt_keep_all_peak_bytes": top.peak_bytes,
+        "budgets": rows,
+        "torch_curve": curve.points(),
+        **_summarise(rows, curve),
+    }
+
+
+def sweep(
+    models: Sequence[str | BenchModel] = BENCH_MODEL_NAMES,
+    *,
+    n_budgets: int = 6,
+    repeats: int = 5,
+    bisect_steps: int = 2,
+    fractions: Sequence[float] = INITIAL_FRACTIONS,
+) -> dict[str, Any]:
+    """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result."""
+    start = time.perf_counter()
+    result: dict[str, Any] = {"machine": machine_info(), "models": {}}
+    # One cache entry per compiled variant on the model's code: well over Dynamo's default 8.
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+        for item in models:
+            bench = bench_model(item) if isinstance(item, str) else item
+            result["models"][bench.name] = sweep_model(
+                bench,
+                n_budgets=n_budgets,
+                repeats=repeats,
+                bisect_steps=bisect_steps,
+                fractions=fractions,
+            )
+    torch._dynamo.reset()
+    result["machine"]["loadavg_at_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    result["sweep_seconds"] = time.perf_counter() - start
+    return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """One line per model and budget."""
+    rows = []
+    for name, res in result["models"].items():
+        for r in res["budgets"]:
+            tp = r["torch_peak_bytes"]
+            rows.append(
+                [
+                    name,
+                    f"{r['budget_bytes'] / _MIB:.2f}",
+                    f"{r['measured_peak_bytes'] / _MIB:.2f}",
+                    "yes" if r["grads_match"] else "NO",
+                    f"{r['time_s'] * 1e3:.1f}",
+                    None if r["torch_fraction"] is None else f"{r['torch_fraction']:g}",
+                    None if tp is None else f"{tp / _MIB:.2f}",
+                    None if r["torch_time_s"] is None else f"{r['torch_time_s'] * 1e3:.1f}",
+                    None if r["time_ratio"] is None else f"{r['time_ratio']:.3f}",
+                ]
+            )
+    headers = [
+        "model", "budget MiB", "peak MiB", "grads", "ms",
+        "torch frac", "torch MiB", "torch ms", "ratio",
+    ]  # fmt: skip
+    return tabulate(rows, headers=headers)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(BENCH_MODEL_NAMES))
+    parser.add_argument("--budgets", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bisect-steps", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/compile_sweep.json")
+    args = parser.parse_args(argv)
+    result = sweep(
+        args.models, n_budgets=args.budgets, repeats=args.repeats, bisect_steps=args.bisect_steps
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary_table(result))
+    print()
+    for name, res in result["models"].items():
+        failed = [k for k, ok in res["checks"].items() if not ok]
+        print(
+            f"{name}: median ratio {res['median_time_ratio']}, at torch's lowest budget "
+            f"{res['time_ratio_at_lowest_torch_budget']}; FAILED {failed or 'none'}"
+        )
+    print(f"wrote {out} in {result['sweep_seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

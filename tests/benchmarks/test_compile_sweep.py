@@ -1,0 +1,62 @@
+"""Tests of benchmarks/compile_sweep.py: torch's fraction tuning, and the sweep on a tiny GPT."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks.compile_sweep import TorchCurve, summary_table, sweep
+from benchmarks.compile_variants import Variant
+from benchmarks.models import bench_gpt
+
+
+def _curve(peaks: dict[float, int]) -> TorchCurve:
+    """A curve whose fractions are already 'measured' (no compile happens for them)."""
+    curve = TorchCurve(bench_gpt(batch=1, seq=8, n_layer=1, n_embd=16), {}, "t", initial=())
+    for fraction, peak in peaks.items():
+        curve.variants[fraction] = Variant(
+            name=f"torch@{fraction:g}", step=lambda: None, compile_s=0.0, fraction=fraction,
+            peak_bytes=peak,
+        )  # fmt: skip
+    return curve
+
+
+def test_tune_picks_the_highest_fitting_peak_of_a_non_monotone_curve() -> None:
+    curve = _curve({0.0: 90, 0.5: 60, 1.0: 80})
+    chosen = curve.tune(85, bisect_steps=0)
+    assert chosen is not None and chosen.fraction == 1.0
+    chosen = curve.tune(70, bisect_steps=0)
+    assert chosen is not None and chosen.fraction == 0.5
+    assert curve.tune(50, bisect_steps=0) is None
+
+
+def test_bisection_goes_up_from_the_largest_fit_or_down_from_the_lowest_peak() -> None:
+    curve = _curve({0.0: 90, 0.5: 60, 1.0: 80})
+    assert curve._next_fraction(70) == 0.75  # 0.5 fits, 1.0 does not
+    assert curve._next_fraction(50) == 0.25  # nothing fits: left of the lowest peak
+    assert curve._next_fraction(100) is None  # 1.0 fits: nothing larger to try
+
+
+def test_sweep_on_a_tiny_gpt_fits_budgets_and_matches_eager_grads() -> None:
+    bench = bench_gpt(batch=2, seq=16, n_layer=2, n_embd=32)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        raw = sweep([bench], n_budgets=2, repeats=1, bisect_steps=0, fractions=(1.0,))
+    result = json.loads(json.dumps(raw))
+    assert {"git_commit", "loadavg_at_start", "loadavg_at_end"} <= result["machine"].keys()
+    res = result["models"]["gpt"]
+    rows = res["budgets"]
+    assert [r["budget_bytes"] for r in rows] == [
+        res["graphckpt_min_feasible_bytes"],
+        res["graphckpt_keep_all_peak_bytes"],
+    ]
+    for row in rows:
+        assert row["measured_peak_bytes"] <= row["budget_bytes"], row
+        assert row["grads_match"], row
+        assert row["time_s"] > 0
+        if row["torch_fraction"] is not None:
+            assert row["torch_peak_bytes"] <= row["measured_peak_bytes"]
+            assert row["time_ratio"] > 0
+    assert [p["fraction"] for p in res["torch_curve"]] == [1.0]
+    assert set(res["checks"]) >= {"all_peak_within_budget", "peak_monotone_in_budget"}
+    assert "gpt" in summary_table(result)
