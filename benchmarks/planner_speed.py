@@ -114,6 +114,21 @@ def measure(
     }
 
 
+def timing_note(load: float, num_cpus: int) -> str:
+    """Say whether the wall times are representative: not when other work kept the CPUs busy.
+
+    Example:
+        >>> timing_note(0.2, 2).startswith("quiet")
+        True
+    """
+    if load <= 0.5 * num_cpus:
+        return f"quiet machine (1-min load {load:.1f} on {num_cpus} CPUs): wall times hold"
+    return (
+        f"busy machine (1-min load {load:.1f} on {num_cpus} CPUs): other work inflates the wall "
+        "times and so the *_le_* checks; the *_cpu_s fields move less; rerun on a quiet machine"
+    )
+
+
 def main() -> None:
     """Parse arguments, measure, print and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -137,6 +152,7 @@ def main() -> None:
     result.update({k: v for k, v in found.items() if k != "budget_bytes"})
     result["loadavg_before_timed_run"] = load_before
     result["loadavg_after_timed_run"] = list(os.getloadavg())
+    result["timing_note"] = timing_note(load_before[0], os.cpu_count() or 1)
     result["machine"] = machine_info()
     for key, value in result.items():
         print(f"{key}: {value}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.planner_speed import halfway_budget, measure
+from benchmarks.planner_speed import halfway_budget, measure, timing_note
 
 _TINY = {"layers": 2, "embd": 32, "heads": 2, "seq": 16, "vocab": 64}
 
@@ -18,3 +18,8 @@ def test_measure_times_the_chain_and_the_plan_fits() -> None:
     assert result["predicted_peak_bytes"] <= result["budget_bytes"]
     assert result["end_to_end_s"] >= result["trace_s"] + result["plan_s"] - 1e-6
     assert result["end_to_end_cpu_s"] > 0 and result["forward_nodes"] > 0
+
+
+def test_timing_note_labels_busy_runs() -> None:
+    assert timing_note(0.5, 2).startswith("quiet")
+    assert timing_note(7.0, 2).startswith("busy")
