@@ -64,7 +64,9 @@ def halfway_budget(layers: int, embd: int, heads: int, seq: int, vocab: int) -> 
     cmd = [sys.executable, "-m", "benchmarks.planner_speed", "--peaks-only"]
     shape = {"layers": layers, "embd": embd, "heads": heads, "seq": seq, "vocab": vocab}
     cmd += [arg for key, value in shape.items() for arg in (f"--{key}", str(value))]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root, env=env)
     low, high = json.loads(done.stdout.strip().splitlines()[-1])
     return {"min_peak_bytes": low, "max_peak_bytes": high, "budget_bytes": (low + high) // 2}
 
