@@ -93,3 +93,16 @@ def test_invalid_k_and_foreign_layers_are_rejected() -> None:
     foreign = BenchModel("gpt", bench.model, bench.inputs, [torch.nn.Linear(2, 2)])
     with pytest.raises(ValueError, match="not a submodule"):
         checkpoint_first_k(foreign, 1)
+
+
+@pytest.mark.parametrize("make_bench", [_small_gpt, _small_unet], ids=["gpt", "unet"])
+def test_deepspeed_style_every_layer_recomputes_with_equal_grads(make_bench) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.baselines import checkpoint_every_layer_deepspeed
+
+    bench = make_bench()
+    plain = measure_step(checkpoint_first_k(bench, 0), bench.inputs, seed=5)
+    every = measure_step(checkpoint_first_k(bench, len(bench.layers)), bench.inputs, seed=5)
+    ds = measure_step(checkpoint_every_layer_deepspeed(bench), bench.inputs, seed=5)
+    assert ds.loss == plain.loss
+    assert grads_equal(plain.grads, ds.grads)
+    assert ds.flops == every.flops > plain.flops  # every layer's forward runs twice
