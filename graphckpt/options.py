@@ -137,7 +137,7 @@ class PlanConfig:
     """Smallest tensor worth a host copy (smaller ones stay on the device)."""
     num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
-    local_search_node_visits: int = 100_000
+    local_search_node_visits: int = 40_000
     """Work the per-tensor local search after the layer search may spend, in simulated graph
     nodes (``passes/refine.py``): many moves on small graphs, few on big ones; 0 turns it off."""
     check_plans: bool = True

@@ -19,6 +19,7 @@ the StepGraph only; mutates nothing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -129,7 +130,8 @@ def _lower_peak(
     while sim.peak_bytes > room:
         over, cost = _excess(sim, room), _cost(sim)[0]
         best: tuple[tuple[float, int, int], frozenset[int], Simulation] | None = None
-        moves = [saved | g for g in s.adds(saved, sim)] + [saved - g for g in s.drops(saved)]
+        adds, drops = s.adds(saved, sim), s.drops(saved)
+        moves = itertools.chain((saved | g for g in adds), (saved - g for g in drops))
         for cand in moves:
             got = s.run(cand)
             if got is None:
@@ -213,8 +215,11 @@ def _cut_cost(
         if better is None:
             return saved, sim
         saved, sim = better
-        moves = [(saved - d) | g for g in s.adds(saved, sim) for d in s.drops(saved)]
-        moves += [saved - d for d in s.drops(saved)]
+        adds, drops = s.adds(saved, sim), s.drops(saved)
+        # Lazily: on big graphs the work budget ends the search long before the last pair.
+        moves = itertools.chain(
+            ((saved - d) | g for g in adds for d in drops), (saved - d for d in drops)
+        )
         for cand in moves:
             got = s.run(cand)
             if got is None:
