@@ -294,13 +294,15 @@ def plan(
     from passes.batch_norm import drop_unread_batch_norm_stats
     from passes.decompose import split_dropout
     from passes.plan import plan_pass
-    from passes.trace import capture_joint_graphs
+    from passes.replicate import capture_for_planning
 
     budget_bytes = budget_to_bytes(budget_gb)
     cfg = PlanConfig.from_options(config, options)
     kwargs = dict(example_kwargs or {})
     with state_restored(model, [*example_inputs, *kwargs.values()]):
-        graphs = capture_joint_graphs(model, tuple(example_inputs), kwargs)
+        # A deep stack of identical layers is built from 2 and 3 traced layers (seconds saved on
+        # a 48-layer model); anything else is traced in full.
+        graphs = capture_for_planning(model, tuple(example_inputs), kwargs, layers=cfg.layers)
     if not graphs:
         raise ValueError(
             "nothing in this call requires grad (no parameter or input with requires_grad), "

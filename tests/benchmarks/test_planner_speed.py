@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from benchmarks.planner_speed import halfway_budget, measure, timing_note
 
-_TINY = {"layers": 2, "embd": 32, "heads": 2, "seq": 16, "vocab": 64}
+_TINY: dict[str, Any] = {"layers": 2, "embd": 32, "heads": 2, "seq": 16, "vocab": 64}
 
 
 def test_halfway_budget_lies_between_the_peaks() -> None:
@@ -23,3 +25,11 @@ def test_measure_times_the_chain_and_the_plan_fits() -> None:
 def test_timing_note_labels_busy_runs() -> None:
     assert timing_note(0.5, 2).startswith("quiet")
     assert timing_note(7.0, 2).startswith("busy")
+
+
+def test_replicated_and_full_traces_make_the_same_plan() -> None:
+    deep: dict[str, Any] = {**_TINY, "layers": 8}
+    budget = halfway_budget(**deep)["budget_bytes"]
+    fast, full = (measure(**deep, budget_bytes=budget, trace=t) for t in ("replicated", "full"))
+    assert fast["plan_sha256"] == full["plan_sha256"]
+    assert fast["forward_nodes"] == full["forward_nodes"]
