@@ -3,11 +3,12 @@
 If the original step fits the budget, running it is the best plan there is: no recompute, no
 offload, no per-op overhead of the fx graphs, and the same step bitwise. Whether it fits is
 measured, never assumed: eager PyTorch can hold more than the joint graph keeps (its CPU
-attention kernel with dropout saves the attention weights, +19 MB on the benchmark GPT), or a
-few bytes less than the planner predicts for it (updated buffer values that the simulator counts
-until the step ends, plus the planner's 64-byte headroom), where the planner then recomputes a few
-cheap tensors. So it is measured once per input signature, for plans that recompute no FLOPs
-and offload nothing (below those budgets the original cannot fit).
+attention kernel with dropout saves the attention weights, +19 MB on the benchmark GPT). Where
+it holds exactly what the keep-all plan predicts (the benchmark U-Net), a budget equal to its
+peak is still 64 bytes short of the planner's headroom, and the plan recomputes a few cheap
+tensors that the original step does not need. So the original step is measured once per input
+signature, for plans that recompute no FLOPs and offload nothing (below those budgets it cannot
+fit).
 """
 
 from __future__ import annotations

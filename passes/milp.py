@@ -96,7 +96,8 @@ def _backward_profile(sg: StepGraph) -> tuple[list[int], dict[int, int]]:
     backward stage reading it (directly or through backward views; -1 when none)."""
     num = len(sg.backward)
     birth: dict[int, int] = {v: 0 for v, k in enumerate(sg.kind) if k == TANGENT}
-    death: dict[int, int] = dict(birth)
+    # Tangents live through backward, as in the simulator: the caller's backward call holds them.
+    death: dict[int, int] = {v: num - 1 for v in birth}
     last_read: dict[int, int] = {}
     for t, b in enumerate(sg.backward):
         for g in (b, *sg.outputs[b]):

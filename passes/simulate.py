@@ -14,6 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch.fx as fx
+from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput
 
 from passes.cost import NodeCost
 from passes.meta import is_view
@@ -45,6 +46,9 @@ class StepGraph:
     fwd_outputs: list[int]
     bwd_outputs: list[int]
     rng_state_bytes: int
+    released_outputs: tuple[int, ...] = ()
+    """Forward outputs that are new values of mutated inputs (BatchNorm's running statistics):
+    the runtime copies them into the inputs and drops them when forward ends."""
 
     @classmethod
     def build(
@@ -93,11 +97,24 @@ class StepGraph:
             fwd_outputs=[index[n] for n in jg.fwd_outputs if n in index],
             bwd_outputs=[index[n] for n in jg.bwd_outputs if n in index],
             rng_state_bytes=rng_state_bytes,
+            released_outputs=tuple(index[n] for n in _input_mutation_outputs(jg) if n in index),
         )
 
     def index_of(self) -> dict[fx.Node, int]:
         """Map from node to its index."""
         return {n: i for i, n in enumerate(self.nodes)}
+
+
+def _input_mutation_outputs(jg: JointGraph) -> list[fx.Node]:
+    """The joint graph's outputs that AOTAutograd describes as new values of mutated inputs."""
+    output = next(n for n in reversed(jg.gm.graph.nodes) if n.op == "output")
+    descs = output.meta.get("desc") or ()
+    values = output.args[0]
+    return [
+        v
+        for v, d in zip(values, descs)
+        if isinstance(v, fx.Node) and isinstance(d, InputMutationAOTOutput)
+    ]
 
 
 @dataclass(frozen=True)
@@ -256,11 +273,13 @@ def simulate(
             death[ka] = max(death.get(ka, t), t)
     base = {**{v: k for v, k in in_fwd.items()}, **in_bwd}
     for v, k in enumerate(kind):  # gradients of the outputs arrive when backward starts
-        if k == TANGENT:
+        if k == TANGENT:  # held by the caller's backward call (autograd.backward) throughout
             birth.setdefault(v, len(fwd))
-            death.setdefault(v, len(fwd))
+            death[v] = len(schedule) - 1
+    released = set(sg.released_outputs)
     for v in sg.fwd_outputs:
-        death[in_fwd.get(v, sg.base[v])] = len(schedule)
+        k = in_fwd.get(v, sg.base[v])
+        death[k] = max(death.get(k, 0), len(fwd) - 1) if v in released else len(schedule)
     for v in sg.bwd_outputs:
         death[base.get(v, sg.base[v])] = len(schedule)
     for v in saved - off:  # held by autograd from the end of forward until backward reads it
