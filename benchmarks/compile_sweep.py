@@ -262,8 +262,12 @@ def sweep(
     repeats: int = 5,
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result."""
+    """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result.
+
+    With ``out``, the result so far is written there as JSON after each model.
+    """
     start = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(), "models": {}}
     # One cache entry per compiled variant on the model's code: well over Dynamo's default 8.
@@ -277,11 +281,14 @@ def sweep(
                 bisect_steps=bisect_steps,
                 fractions=fractions,
             )
+            result["machine"]["loadavg_at_end"] = (
+                list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            )
+            result["sweep_seconds"] = time.perf_counter() - start
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")
     torch._dynamo.reset()
-    result["machine"]["loadavg_at_end"] = (
-        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    )
-    result["sweep_seconds"] = time.perf_counter() - start
     return result
 
 
@@ -319,12 +326,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bisect-steps", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/compile_sweep.json")
     args = parser.parse_args(argv)
-    result = sweep(
-        args.models, n_budgets=args.budgets, repeats=args.repeats, bisect_steps=args.bisect_steps
-    )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = sweep(
+        args.models,
+        n_budgets=args.budgets,
+        repeats=args.repeats,
+        bisect_steps=args.bisect_steps,
+        out=out,
+    )
     print(summary_table(result))
     print()
     for name, res in result["models"].items():
