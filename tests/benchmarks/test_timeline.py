@@ -12,7 +12,7 @@ def test_step_timeline_prediction_matches_the_plan_and_the_measurement() -> None
     probe = graphckpt.plan(model, inputs, budget_gb=1.0)
     budget = (probe.min_peak_bytes + probe.max_peak_bytes) // 2  # some tensors recomputed
     t = step_timeline(model, inputs, budget)
-    assert t.plan.recompute_flops > 0
+    assert any(d.action == "recompute" for d in t.plan.tensors)
     assert t.measured_peak_bytes <= budget
     assert t.predicted_peak_bytes == t.plan.predicted_peak_bytes == max(t.predicted_bytes)
     assert t.measured_peak_bytes == max(t.measured_bytes)
