@@ -2,8 +2,9 @@
 
 For each node: the bytes its output allocates (0 for views), the FLOPs it performs
 (FlopCounterMode's formulas, plus graphckpt's for ops it misses), and its estimated seconds on the
-target device from a roofline that charges memory traffic as well as FLOPs. Reads ``val``;
-writes nothing.
+target device from a roofline that charges memory traffic as well as FLOPs, and, when asked,
+the scratch memory its kernel allocates and frees while it runs (measured on this CPU by
+``passes/scratch.py``). Reads ``val``; writes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from graphckpt.flops import flop_formulas
 from graphckpt.options import DeviceSpec
 from passes.meta import is_random, is_view, node_val, tensor_bytes
+from passes.scratch import measure_scratch_bytes
 
 __all__ = ["NodeCost", "estimate_costs", "node_flops"]
 
@@ -32,6 +34,9 @@ class NodeCost:
     flops: int
     seconds: float
     random: bool
+    scratch_bytes: int = 0
+    """Bytes the op's kernel allocates beyond its outputs and frees before it returns (live
+    only while the node runs); 0 unless measured."""
 
 
 def _formula_table() -> dict[Any, Callable[..., int]]:
@@ -102,16 +107,25 @@ def _allocated_bytes(node: fx.Node) -> int:
     return 0
 
 
-def estimate_costs(nodes: Iterable[fx.Node], device: DeviceSpec) -> dict[fx.Node, NodeCost]:
+def estimate_costs(
+    nodes: Iterable[fx.Node], device: DeviceSpec, *, measure_scratch: bool = False
+) -> dict[fx.Node, NodeCost]:
     """Price each node: allocated bytes, FLOPs, and roofline seconds on ``device``.
 
     Seconds are ``op_overhead + max(flops / flops_per_s, bytes_moved / bytes_per_s,
     random draws / random_elements_per_s)`` for real ops; views and ``getitem`` cost nothing
     (they move no data).
 
+    With ``measure_scratch`` the ops known to use kernel scratch memory (convolutions, see
+    ``passes.scratch.SCRATCH_OPS``) are run once on random CPU tensors of their shapes and
+    their transient bytes recorded; without it (planning for CUDA, or a meta model) every
+    ``scratch_bytes`` is 0.
+
     Args:
         nodes: the nodes to price (usually a joint graph's forward and backward).
         device: the target device's roofline numbers.
+        measure_scratch: measure kernel scratch memory on this CPU (only right when the model
+            runs on this CPU).
 
     Returns:
         A NodeCost per node.
@@ -122,6 +136,8 @@ def estimate_costs(nodes: Iterable[fx.Node], device: DeviceSpec) -> dict[fx.Node
         True
     """
     formulas = _formula_table()
+    nodes = list(nodes)
+    scratch = measure_scratch_bytes(nodes) if measure_scratch else {}
     costs: dict[fx.Node, NodeCost] = {}
     for node in nodes:
         if node.target is operator.getitem or is_view(node) or node.op != "call_function":
@@ -134,5 +150,7 @@ def estimate_costs(nodes: Iterable[fx.Node], device: DeviceSpec) -> dict[fx.Node
             _moved_bytes(node) / device.bytes_per_s,
             _drawn_elements(node) / device.random_elements_per_s if random else 0.0,
         )
-        costs[node] = NodeCost(_allocated_bytes(node), flops, seconds, random)
+        costs[node] = NodeCost(
+            _allocated_bytes(node), flops, seconds, random, scratch_bytes=scratch.get(node, 0)
+        )
     return costs

@@ -102,17 +102,26 @@ def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -
     )
 
 
-def build_search(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
-    """Index the graph, find its layers and solve each distinct layer's min-cut once."""
-    search = _solve_segments(jg, config, spec)
+def build_search(
+    jg: JointGraph, config: PlanConfig, spec: DeviceSpec, *, measure_scratch: bool = False
+) -> PlanSearch:
+    """Index the graph, find its layers and solve each distinct layer's min-cut once.
+
+    ``measure_scratch`` prices kernel scratch memory by running those ops on this CPU
+    (``passes/scratch.py``); only right when the model runs on this CPU.
+    """
+    search = _solve_segments(jg, config, spec, measure_scratch)
     if config.offload_allowed(spec):
         search.link_bytes_per_s = spec.host_link_bytes_per_s
         search.min_offload_bytes = config.min_offload_bytes
     return search
 
 
-def _solve_segments(jg: JointGraph, config: PlanConfig, spec: DeviceSpec) -> PlanSearch:
-    costs = estimate_costs([*jg.primals, *jg.forward, *jg.tangents, *jg.backward], spec)
+def _solve_segments(
+    jg: JointGraph, config: PlanConfig, spec: DeviceSpec, measure_scratch: bool
+) -> PlanSearch:
+    nodes = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
+    costs = estimate_costs(nodes, spec, measure_scratch=measure_scratch)
     sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type), 512 if spec.type == "cuda" else 1)
     index = sg.index_of()
     segments = find_segments(jg.forward, config.layers)
@@ -282,7 +291,10 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     """
     start = time.perf_counter()
     spec = config.device_for(device)
-    search = build_search(jg, config, spec)
+    # Kernel scratch is measured only where it can be: a model on this CPU, planned for a CPU
+    # (not for CUDA from here, not a meta model, whose shapes may not fit in memory).
+    on_this_cpu = device.type == "cpu" and spec.type == "cpu"
+    search = build_search(jg, config, spec, measure_scratch=on_this_cpu)
     states = greedy_sequence(search)
     most = search.run(states[0])
     room = budget_bytes - HEADROOM_BYTES

@@ -3,7 +3,9 @@
 It replays what the rewriter builds: the forward graph in order, then the backward graph with
 each recomputed value inserted just before its first use, every storage freed after its last
 use (views share their base's storage), parameters and inputs resident throughout, gradients
-kept from creation to the end. Pure data in, numbers out; no graph is touched.
+kept from creation to the end. A node's kernel scratch memory (``NodeCost.scratch_bytes``) is
+live only while that node runs: in forward, in backward and when it is recomputed. Pure data in,
+numbers out; no graph is touched.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class StepGraph:
     released_outputs: tuple[int, ...] = ()
     """Forward outputs that are new values of mutated inputs (BatchNorm's running statistics):
     the runtime copies them into the inputs and drops them when forward ends."""
+    scratch: tuple[int, ...] = ()
+    """Per node, bytes its kernel allocates and frees while it runs (empty: none anywhere)."""
 
     @classmethod
     def build(
@@ -98,6 +102,9 @@ class StepGraph:
             bwd_outputs=[index[n] for n in jg.bwd_outputs if n in index],
             rng_state_bytes=rng_state_bytes,
             released_outputs=tuple(index[n] for n in _input_mutation_outputs(jg) if n in index),
+            scratch=tuple(-(-c.scratch_bytes // block_bytes) * block_bytes for c in cost)
+            if any(c.scratch_bytes for c in cost)
+            else (),
         )
 
     def index_of(self) -> dict[fx.Node, int]:
@@ -227,7 +234,8 @@ def simulate(
         timeline: also return the live bytes after every executed node.
 
     Returns:
-        The step's peak, the forward's peak, the bytes kept for backward, and the recompute.
+        The step's peak (kernel scratch included), the forward's peak, the bytes kept for
+        backward, and the recompute. The timeline holds live tensor bytes, without scratch.
     """
     # Inputs/parameters are resident anyway; a tuple-returning op cannot be kept (its getitems
     # are), so keeping one would let its outputs be "recomputed" from nothing.
@@ -310,9 +318,11 @@ def simulate(
             delta[death[k] + 1] -= size
     live = peak = fwd_peak = resident
     trace: list[int] | None = [] if timeline else None
-    for t in range(len(schedule)):
+    scratch = sg.scratch or (0,) * len(kind)
+    for t, e in enumerate(schedule):
         live += delta[t]
-        peak = max(peak, live)
+        # The running node's scratch sits on top of its inputs and outputs, then is freed.
+        peak = max(peak, live + scratch[-1 - e if e < 0 else e])
         if t < len(fwd):
             fwd_peak = peak
         if trace is not None:

@@ -171,6 +171,14 @@ _TUPLE_SPECS = {
 }
 
 
+def _without_kernel_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan without kernel scratch memory (``passes/scratch.py``): these tests measure with the
+    dispatch-level tracker, which cannot see it, and check how the simulator models tensors.
+    With scratch, the tiny conv1d's oneDNN scratchpad (~23 KB, 10x the step's tensors) pads the
+    budget, and the tracker-level error these tests pin down no longer shows."""
+    monkeypatch.setattr("passes.cost.measure_scratch_bytes", lambda nodes: {})
+
+
 _TUPLE_OVER_BUDGET = pytest.mark.xfail(
     strict=True,
     reason="tuple-returning model, loss outside: the wrapped module's own step (outputs held, "
@@ -185,7 +193,8 @@ _TUPLE_OVER_BUDGET = pytest.mark.xfail(
     "name",
     [pytest.param(n, marks=[_TUPLE_OVER_BUDGET] if n == "conv" else []) for n in _TUPLE_SPECS],
 )
-def test_tuple_outputs_peak(name: str) -> None:
+def test_tuple_outputs_peak(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_kernel_scratch(monkeypatch)
     spec = _TUPLE_SPECS[name]
     model, inputs = FuzzModel(spec, seed=0), spec.inputs(seed=1)
     wide = graphckpt.plan(model, inputs, 1000.0)
@@ -227,7 +236,8 @@ def test_tuple_outputs_dropout() -> None:
     reason="two outputs (a conv output and a later add), loss inside, at the smallest feasible "
     "budget: the measured step peaks at 2048 bytes, 44 bytes (2%) above the 2004-byte budget",
 )
-def test_multi_output_peak() -> None:
+def test_multi_output_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_kernel_scratch(monkeypatch)
     spec = ModelSpec(
         width=13,
         num_inputs=2,
