@@ -107,7 +107,8 @@ def original_step_peak(model: nn.Module, args: Sequence[Any], kwargs: dict[str, 
     """Measure the peak of one plain forward+backward of ``model``, leaving no trace of it.
 
     The budget's peak (DESIGN.md): parameters, buffers and tensor inputs, plus what the step
-    allocates, with ``.grad`` None at the start. Backward runs from every output that requires
+    allocates, with ``.grad`` None at the start, measured at the allocator (kernel scratch
+    memory included; CUDA memory stats on a GPU). Backward runs from every output that requires
     grad (a non-scalar output with a gradient of ones), down to the parameters and the (detached)
     inputs. Buffers, inputs, the CPU RNG and the parameters' ``.grad`` are restored afterwards.
 
@@ -137,7 +138,9 @@ def original_step_peak(model: nn.Module, args: Sequence[Any], kwargs: dict[str, 
         for p in params:
             p.grad = None
         with state_restored(model, inputs), torch.enable_grad():
-            return step_peak_bytes(step, resident, device)
+            # At the allocator: kernel scratch (oneDNN convolutions) counts against the budget,
+            # and the dispatch-level tracker cannot see it (passes/scratch.py).
+            return step_peak_bytes(step, resident, device, method="allocator")
     finally:
         for p, g in zip(params, grads):
             p.grad = g
