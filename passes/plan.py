@@ -274,7 +274,14 @@ def _lowest(search: PlanSearch, state: State, keep_all: State, config: PlanConfi
     )
 
 
-def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: torch.device) -> Plan:
+def plan_pass(
+    jg: JointGraph,
+    budget_bytes: int,
+    config: PlanConfig,
+    device: torch.device,
+    *,
+    measure_scratch: bool | None = None,
+) -> Plan:
     """Plan one joint graph under ``budget_bytes`` (the whole step's peak, DESIGN.md).
 
     Args:
@@ -282,6 +289,9 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
         budget_bytes: the peak the step must stay under, parameters and inputs included.
         config: what the planner may do.
         device: where the model runs (selects the cost preset when config.device is None).
+        measure_scratch: price kernel scratch memory (``passes/scratch.py``); None: when the
+            model is on this CPU and planned for a CPU. False gives the scratch-free memory
+            model the MILP (``passes/milp.py``) uses.
 
     Returns:
         The cheapest plan found whose simulated peak fits the budget.
@@ -293,8 +303,9 @@ def plan_pass(jg: JointGraph, budget_bytes: int, config: PlanConfig, device: tor
     spec = config.device_for(device)
     # Kernel scratch is measured only where it can be: a model on this CPU, planned for a CPU
     # (not for CUDA from here, not a meta model, whose shapes may not fit in memory).
-    on_this_cpu = device.type == "cpu" and spec.type == "cpu"
-    search = build_search(jg, config, spec, measure_scratch=on_this_cpu)
+    if measure_scratch is None:
+        measure_scratch = device.type == "cpu" and spec.type == "cpu"
+    search = build_search(jg, config, spec, measure_scratch=measure_scratch)
     states = greedy_sequence(search)
     most = search.run(states[0])
     room = budget_bytes - HEADROOM_BYTES
