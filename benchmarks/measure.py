@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphckpt.flops import count_flops
-from graphckpt.memory import resident_bytes, step_peak_bytes
+from graphckpt.memory import MeasureMethod, resident_bytes, step_peak_bytes
 
 __all__ = ["StepMeasurement", "grads_equal", "measure_step", "resident_bytes", "time_steps"]
 
@@ -41,7 +41,9 @@ def _zero_grads(model: nn.Module) -> None:
         p.grad = None
 
 
-def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> StepMeasurement:
+def measure_step(
+    model: nn.Module, inputs: tuple[Any, ...], *, seed: int, method: MeasureMethod = "tracker"
+) -> StepMeasurement:
     """Run one training step of ``model`` twice, measuring its peak memory, then its FLOPs.
 
     Each run starts with ``.grad`` set to None and ``torch.manual_seed(seed)``, so dropout draws
@@ -54,6 +56,8 @@ def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> Ste
         model: a module whose ``model(*inputs)`` is a scalar loss.
         inputs: the step's positional inputs.
         seed: the RNG seed set before each run.
+        method: how the CPU peak is measured (``step_peak_bytes``): ``"tracker"`` or
+            ``"allocator"`` (kernel scratch memory included).
 
     Returns:
         The :class:`StepMeasurement`.
@@ -78,7 +82,7 @@ def measure_step(model: nn.Module, inputs: tuple[Any, ...], *, seed: int) -> Ste
 
     _zero_grads(model)
     torch.manual_seed(seed)
-    peak = step_peak_bytes(step, resident, device)
+    peak = step_peak_bytes(step, resident, device, method=method)
     grads = {
         name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
     }

@@ -33,10 +33,13 @@ import graphckpt
 from benchmarks.baselines import checkpoint_first_k
 from benchmarks.measure import grads_equal, measure_step, time_steps
 from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
+from graphckpt.memory import MeasureMethod
 
 __all__ = ["budget_points", "machine_info", "main", "summary_table", "sweep", "sweep_model"]
 
 SEED = 0
+METHOD: MeasureMethod = "allocator"
+"""Peaks measured at the CPU allocator: kernel scratch memory (oneDNN convolutions) counts."""
 RTOL = 1e-5
 ATOL = 1e-6
 _MIB = 2**20
@@ -103,7 +106,7 @@ def sweep_model(
     grads_ref: dict[str, torch.Tensor] = {}
     for k in range(n_layers + 1):
         model_k = checkpoint_first_k(bench, k)
-        m = measure_step(model_k, inputs, seed=seed)
+        m = measure_step(model_k, inputs, seed=seed, method=METHOD)
         if k == 0:
             grads_ref = m.grads
         baselines.append({"k": k, "peak_bytes": m.peak_bytes, "flops": m.flops, "loss": m.loss})
@@ -144,7 +147,7 @@ def sweep_model(
             )
             plan = ck.plan
             assert plan is not None
-            m = measure_step(ck, inputs, seed=seed)
+            m = measure_step(ck, inputs, seed=seed, method=METHOD)
         except Exception as e:  # record and go on: the sweep reports failures, not hides them
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc(limit=-6)
@@ -165,10 +168,16 @@ def sweep_model(
             )
             continue
         extra = m.flops - flops_k0
+        # What ran: the plan's graphs, or the original module when its step fits (then its
+        # measurement at planning time is the prediction).
+        predicted = ck.predicted_peak_bytes
+        assert predicted is not None
         row.update(
-            predicted_peak_bytes=plan.predicted_peak_bytes,
+            predicted_peak_bytes=predicted,
+            plan_predicted_peak_bytes=plan.predicted_peak_bytes,
+            runs_original=ck.runs_original,
             measured_peak_bytes=m.peak_bytes,
-            prediction_error=abs(plan.predicted_peak_bytes - m.peak_bytes) / m.peak_bytes,
+            prediction_error=abs(predicted - m.peak_bytes) / m.peak_bytes,
             flops=m.flops,
             extra_flops=extra,
             plan_recompute_flops=plan.recompute_flops,
@@ -210,7 +219,7 @@ def sweep_model(
         )
         _log(
             f"[{bench.name}] budget {budget / _MIB:.2f} MiB ({kind}): "
-            f"pred {plan.predicted_peak_bytes / _MIB:.2f} meas {m.peak_bytes / _MIB:.2f} MiB, "
+            f"pred {predicted / _MIB:.2f} meas {m.peak_bytes / _MIB:.2f} MiB, "
             f"+{extra / 1e9:.3f} GFLOP, {times['graphckpt'] * 1e3:.1f} ms; {best_txt}; "
             f"grads {'ok' if row['grads_allclose'] else 'DIFFER'}"
             f"{' (bitwise)' if row['grads_bitwise'] else ''}"

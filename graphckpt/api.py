@@ -74,9 +74,10 @@ class CheckpointedModule(nn.Module):
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "offloader", GraphOffloader())
         object.__setattr__(self, "_plan_for_call", {})
-        object.__setattr__(self, "_original_fits", {})
+        object.__setattr__(self, "_original_peaks", {})
         object.__setattr__(self, "_latest", None)
-        object.__setattr__(self, "_ran_original", False)
+        # The measured peak of the original step the latest call ran (None: the plan ran).
+        object.__setattr__(self, "_ran_original", None)
         self.training = model.training
         object.__setattr__(self, "_compiled", self._make_compiled())
 
@@ -104,10 +105,21 @@ class CheckpointedModule(nn.Module):
         return self.plans[-1] if self.plans else None
 
     @property
+    def predicted_peak_bytes(self) -> int | None:
+        """The expected peak of what the latest training call ran: the plan's prediction, or,
+        when the original module ran, the peak its step was measured at (None before a call)."""
+        plan = self.plan
+        if plan is None:
+            return None
+        if self._ran_original is not None:
+            return int(self._ran_original)
+        return plan.predicted_peak_bytes
+
+    @property
     def runs_original(self) -> bool:
         """Whether the latest training call ran the original module instead of the rewritten
         graphs of ``plan`` (its step was measured to fit the budget: :meth:`measure_original`)."""
-        return bool(self._ran_original)
+        return self._ran_original is not None
 
     def backend(self, **options: Any) -> Any:
         """A ``torch.compile`` backend that plans this module's step under the same budget.
@@ -159,8 +171,9 @@ class CheckpointedModule(nn.Module):
             return self.wrapped(*args, **kwargs)
         key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
-        fits = known is not None and self._original_fits.get(key, False)
-        object.__setattr__(self, "_ran_original", fits)
+        peak = self._original_peaks.get(key) if known is not None else None
+        fits = peak is not None and peak <= self.budget_bytes
+        object.__setattr__(self, "_ran_original", peak if fits else None)
         if fits:
             # The original step fits the budget: the same step, bitwise, with no recompute and
             # without the fx graphs' per-op overhead.
@@ -184,10 +197,9 @@ class CheckpointedModule(nn.Module):
         """
         key = call_key(self.wrapped, args, kwargs)
         known = self._plan_for_call.get(key) if key is not None else None
-        if known is None or not may_run_original(known) or key in self._original_fits:
+        if known is None or not may_run_original(known) or key in self._original_peaks:
             return
-        peak = original_step_peak(self.wrapped, args, kwargs)
-        self._original_fits[key] = peak <= self.budget_bytes
+        self._original_peaks[key] = original_step_peak(self.wrapped, args, kwargs)
 
     def _run_compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from passes.trace import describe_trace_failure, dynamo_settings

@@ -226,7 +226,7 @@ def test_tuple_outputs_dropout() -> None:
     reference = measure_step(copy.deepcopy(model), inputs, seed=3)
     planned = copy.deepcopy(model)
     ckpt = graphckpt.auto_checkpoint(planned.inner, 1.0, example_inputs=inputs)
-    ckpt._original_fits.clear()  # the rewritten graphs, not the original module that fits here
+    ckpt._original_peaks.clear()  # the rewritten graphs, not the original module that fits here
     planned.inner = ckpt
     assert measure_step(planned, inputs, seed=3).loss == reference.loss
 

@@ -82,11 +82,14 @@ def test_fitting_original_runs_bitwise(tiny_gpt) -> None:
     result = measure_step(ckpt, inputs, seed=5)
     assert calls and not compiled_calls  # the original module ran, not the fx graphs
     assert ckpt.runs_original
+    # What ran was predicted by the original step's own measurement, not by the plan's graph.
+    assert ckpt.predicted_peak_bytes == next(iter(ckpt._original_peaks.values()))
     assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
     assert result.peak_bytes == reference.peak_bytes <= ckpt.budget_bytes
     idx, targets = inputs
     ckpt(idx[:1], targets[:1]).backward()  # a new shape still plans
     assert len(ckpt.plans) == 2 and ckpt.plan is ckpt.plans[-1] and not ckpt.runs_original
+    assert ckpt.predicted_peak_bytes == ckpt.plan.predicted_peak_bytes
     ckpt(*inputs).backward()
     assert ckpt.plan is ckpt.plans[0]
 
@@ -97,7 +100,7 @@ def test_plan_with_recompute_runs_the_rewritten_graphs(tiny_gpt) -> None:
     ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), budget / 2**30, example_inputs=inputs)
     assert ckpt.plan is not None and ckpt.plan.recompute_flops > 0
     assert not may_run_original(ckpt.plan)
-    assert not any(ckpt._original_fits.values())
+    assert not ckpt._original_peaks
     ckpt(*inputs).backward()
     assert not ckpt.runs_original
 
@@ -110,7 +113,7 @@ def test_original_over_budget_is_not_run() -> None:
     wide = graphckpt.plan(loss_model, inputs, budget_gb=1.0)
     eager = measure_step(copy.deepcopy(loss_model), inputs, seed=0).peak_bytes
     ckpt = graphckpt.auto_checkpoint(loss_model, wide.max_peak_bytes / 2**30, example_inputs=inputs)
-    fits = list(ckpt._original_fits.values())
+    fits = [peak <= ckpt.budget_bytes for peak in ckpt._original_peaks.values()]
     assert fits == [eager <= ckpt.budget_bytes]
 
 
