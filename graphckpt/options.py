@@ -137,6 +137,10 @@ class PlanConfig:
     """Smallest tensor worth a host copy (smaller ones stay on the device)."""
     num_lambda_points: int = 16
     """How many memory/recompute trade-offs the min-cut explores per distinct layer."""
+    solver: Literal["search", "milp"] = "search"
+    """``"search"``: min-cut layer search plus per-tensor local search (any size). ``"milp"``: the
+    exact keep/recompute MILP (``passes/milp.py``, HiGHS), for small graphs only (at most
+    ``MILP_MAX_NODES`` joint-graph nodes); it does not plan offload."""
     local_search_node_visits: int = 40_000
     """Work the per-tensor local search after the layer search may spend, in simulated graph
     nodes (``passes/refine.py``): many moves on small graphs, few on big ones; 0 turns it off."""
@@ -174,6 +178,8 @@ class PlanConfig:
             raise ValueError(
                 f"PlanConfig.plan_check_timeout_s must be a positive number, got {timeout!r}"
             )
+        if self.solver not in ("search", "milp"):
+            raise ValueError(f"PlanConfig.solver must be 'search' or 'milp', got {self.solver!r}")
         visits = self.local_search_node_visits
         if not (isinstance(visits, int) and not isinstance(visits, bool) and visits >= 0):
             raise ValueError(

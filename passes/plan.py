@@ -21,13 +21,14 @@ from graphckpt.options import DeviceSpec, PlanConfig
 from graphckpt.plan import LayerPlan, Plan, TensorDecision
 from passes.cost import estimate_costs
 from passes.layers import Segment, find_segments
+from passes.milp import milp_min_peak, solve_milp
 from passes.mincut import Policy, segment_policies
 from passes.offload_plan import hidden_offload_prefix
 from passes.refine import Refined, lowest_peak, refine
 from passes.simulate import FORWARD, Simulation, StepGraph, simulate
 from passes.trace import JointGraph
 
-__all__ = ["HEADROOM_BYTES", "PlanSearch", "plan_pass", "rng_state_bytes"]
+__all__ = ["HEADROOM_BYTES", "MILP_MAX_NODES", "PlanSearch", "plan_pass", "rng_state_bytes"]
 
 _MIB = float(1 << 20)
 HEADROOM_BYTES = 64
@@ -274,6 +275,46 @@ def _lowest(search: PlanSearch, state: State, keep_all: State, config: PlanConfi
     )
 
 
+MILP_MAX_NODES = 400
+"""Largest joint graph ``PlanConfig(solver="milp")`` accepts: the MILP grows with nodes x stages."""
+
+
+def _plan_milp(
+    search: PlanSearch, jg: JointGraph, budget_bytes: int, spec: DeviceSpec, start: float
+) -> Plan:
+    """The exact MILP's plan (``passes/milp.py``), described like the search's."""
+    sg = search.sg
+    if len(sg.nodes) > MILP_MAX_NODES:
+        raise ValueError(
+            f"PlanConfig(solver='milp') is for small graphs: this joint graph has {len(sg.nodes)} "
+            f"nodes, more than {MILP_MAX_NODES}; use solver='search'"
+        )
+    least = milp_min_peak(sg).peak_bytes + HEADROOM_BYTES
+    try:
+        found = solve_milp(sg, budget_bytes - HEADROOM_BYTES)
+    except InfeasibleBudgetError as e:
+        raise InfeasibleBudgetError(
+            f"budget {budget_bytes / _MIB:.3f} MiB is below the smallest feasible peak "
+            f"{least / _MIB:.3f} MiB the MILP certifies for this model and input shape; raise "
+            "the budget",
+            min_feasible_bytes=least,
+        ) from e
+    sim = simulate(sg, found.saved)
+    layers, tensors = _describe(search, found.saved, set(), sim)
+    most = search.run(greedy_sequence(search)[0])
+    return Plan(
+        budget_bytes=budget_bytes,
+        predicted_peak_bytes=sim.peak_bytes,
+        min_peak_bytes=least,
+        max_peak_bytes=most.peak_bytes + HEADROOM_BYTES,
+        layers=layers,
+        tensors=tensors,
+        device=spec.type,
+        graph_index=jg.index,
+        planning_seconds=time.perf_counter() - start,
+    )
+
+
 def plan_pass(
     jg: JointGraph,
     budget_bytes: int,
@@ -306,6 +347,8 @@ def plan_pass(
     if measure_scratch is None:
         measure_scratch = device.type == "cpu" and spec.type == "cpu"
     search = build_search(jg, config, spec, measure_scratch=measure_scratch)
+    if config.solver == "milp":
+        return _plan_milp(search, jg, budget_bytes, spec, start)
     states = greedy_sequence(search)
     most = search.run(states[0])
     room = budget_bytes - HEADROOM_BYTES

@@ -89,3 +89,27 @@ def test_matches_the_milp_where_the_layer_search_recomputes_more() -> None:
 def test_config_rejects_bad_work_budgets(bad) -> None:
     with pytest.raises(ValueError, match="local_search_node_visits"):
         PlanConfig(local_search_node_visits=bad)
+
+
+def test_the_milp_is_selectable_for_small_graphs(block) -> None:
+    jg, search = block
+    low = milp_min_peak(search.sg, time_limit_s=60).peak_bytes + HEADROOM_BYTES
+    budget = low + 200
+    exact = plan_pass(jg, budget, PlanConfig(solver="milp"), _CPU)
+    assert exact.predicted_peak_bytes + HEADROOM_BYTES <= budget
+    direct = solve_milp(search.sg, budget - HEADROOM_BYTES, time_limit_s=60)
+    assert exact.recompute_seconds == pytest.approx(direct.recompute_seconds)
+    assert exact.min_peak_bytes == low
+    with pytest.raises(InfeasibleBudgetError, match="MILP certifies"):
+        plan_pass(jg, low - 1, PlanConfig(solver="milp"), _CPU)
+
+
+def test_the_milp_refuses_big_graphs() -> None:
+    from graphckpt.examples import gpt_example
+
+    model, inputs = gpt_example(batch=1, seq=8, n_layer=4, n_embd=16, n_head=2, vocab_size=32)
+    jg = capture_joint_graphs(model, inputs)[0]
+    with pytest.raises(ValueError, match="solver='search'"):
+        plan_pass(jg, 1 << 40, PlanConfig(solver="milp"), _CPU)
+    with pytest.raises(ValueError, match="solver"):
+        PlanConfig(solver="exact")  # type: ignore[arg-type]
