@@ -275,6 +275,32 @@ def _lowest(search: PlanSearch, state: State, keep_all: State, config: PlanConfi
     )
 
 
+def _to_plan(
+    search: PlanSearch,
+    jg: JointGraph,
+    saved: frozenset[int],
+    offloaded: set[int],
+    sim: Simulation,
+    bounds: tuple[int, int, Simulation],
+    spec: DeviceSpec,
+    start: float,
+) -> Plan:
+    """The Plan for ``saved``: ``bounds`` is (budget, smallest feasible budget, keep-all run)."""
+    budget_bytes, least, most = bounds
+    layers, tensors = _describe(search, saved, offloaded, sim)
+    return Plan(
+        budget_bytes=budget_bytes,
+        predicted_peak_bytes=sim.peak_bytes,
+        min_peak_bytes=least,
+        max_peak_bytes=most.peak_bytes + HEADROOM_BYTES,
+        layers=layers,
+        tensors=tensors,
+        device=spec.type,
+        graph_index=jg.index,
+        planning_seconds=time.perf_counter() - start,
+    )
+
+
 MILP_MAX_NODES = 400
 """Largest joint graph ``PlanConfig(solver="milp")`` accepts: the MILP grows with nodes x stages."""
 
@@ -299,20 +325,9 @@ def _plan_milp(
             "the budget",
             min_feasible_bytes=least,
         ) from e
-    sim = simulate(sg, found.saved)
-    layers, tensors = _describe(search, found.saved, set(), sim)
     most = search.run(greedy_sequence(search)[0])
-    return Plan(
-        budget_bytes=budget_bytes,
-        predicted_peak_bytes=sim.peak_bytes,
-        min_peak_bytes=least,
-        max_peak_bytes=most.peak_bytes + HEADROOM_BYTES,
-        layers=layers,
-        tensors=tensors,
-        device=spec.type,
-        graph_index=jg.index,
-        planning_seconds=time.perf_counter() - start,
-    )
+    sim = simulate(sg, found.saved)
+    return _to_plan(search, jg, found.saved, set(), sim, (budget_bytes, least, most), spec, start)
 
 
 def plan_pass(
@@ -385,16 +400,5 @@ def plan_pass(
         offloaded=offloaded,
         link_bytes_per_s=search.link_bytes_per_s,
     )
-    sim = found.sim
-    layers, tensors = _describe(search, found.saved, offloaded, sim)
-    return Plan(
-        budget_bytes=budget_bytes,
-        predicted_peak_bytes=sim.peak_bytes,
-        min_peak_bytes=least,
-        max_peak_bytes=most.peak_bytes + HEADROOM_BYTES,
-        layers=layers,
-        tensors=tensors,
-        device=spec.type,
-        graph_index=jg.index,
-        planning_seconds=time.perf_counter() - start,
-    )
+    bounds = (budget_bytes, least, most)
+    return _to_plan(search, jg, found.saved, offloaded, found.sim, bounds, spec, start)
