@@ -98,8 +98,9 @@ def time_steps(
     """Median wall-clock seconds of each zero-argument step, the candidates interleaved.
 
     Runs ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every
-    candidate once, in order (A, B, C, A, B, C, ...), so that drifts in machine load affect
-    all candidates alike.
+    candidate once, in order, and every other round in reverse order (A, B, C, C, B, A, ...),
+    so that drifts in machine load and whatever one step leaves behind for the next (caches,
+    allocator state) affect all candidates alike.
 
     Args:
         candidates: step functions by name, e.g. ``{"plain": step_a, "ckpt": step_b}``.
@@ -122,8 +123,10 @@ def time_steps(
         for step in candidates.values():
             step()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, step in candidates.items():
+    names = list(candidates)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else reversed(names):
+            step = candidates[name]
             start = time.perf_counter()
             step()
             samples[name].append(time.perf_counter() - start)

@@ -46,7 +46,7 @@ def test_resident_bytes_counts_shared_storage_once() -> None:
     assert resident_bytes([]) == 0
 
 
-def test_time_steps_interleaves_candidates_and_returns_medians() -> None:
+def test_time_steps_interleaves_candidates_alternating_order_and_returns_medians() -> None:
     calls: list[str] = []
 
     def step(name: str, sleep_s: float):  # type: ignore[no-untyped-def]
@@ -57,7 +57,8 @@ def test_time_steps_interleaves_candidates_and_returns_medians() -> None:
         return run
 
     times = time_steps({"a": step("a", 0.0), "b": step("b", 0.02)}, repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 4
+    # Warm-up in order, then timed rounds alternating order (a b, b a, a b).
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert set(times) == {"a", "b"}
     assert times["b"] >= 0.02 > times["a"]
 
