@@ -78,6 +78,9 @@ class CheckpointedModule(nn.Module):
         object.__setattr__(self, "_latest", None)
         # The measured peak of the original step the latest call ran (None: the plan ran).
         object.__setattr__(self, "_ran_original", None)
+        # The tensor inputs of the call being compiled: resident, so counted in the budget
+        # even where the graph drops them as unused.
+        object.__setattr__(self, "_call_inputs", ())
         self.training = model.training
         object.__setattr__(self, "_compiled", self._make_compiled())
 
@@ -90,9 +93,13 @@ class CheckpointedModule(nn.Module):
         partitioner = planning_partitioner(
             self.budget_bytes, self.config, device, self.plans.append, self.offloader
         )
+
+        def resident() -> list[Any]:
+            return [*model.parameters(), *model.buffers(), *self._call_inputs]
+
         return torch.compile(
             functools.partial(_call, model),
-            backend=joint_backend(partitioner),
+            backend=joint_backend(partitioner, resident=resident),
             fullgraph=True,
             dynamic=False,
         )
@@ -204,6 +211,8 @@ class CheckpointedModule(nn.Module):
     def _run_compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from passes.trace import describe_trace_failure, dynamo_settings
 
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        object.__setattr__(self, "_call_inputs", tuple(leaves))
         try:
             with dynamo_settings():
                 return self._compiled(*args, **kwargs)
@@ -215,6 +224,8 @@ class CheckpointedModule(nn.Module):
             raise describe_trace_failure(self.wrapped, e) from e
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             raise describe_trace_failure(self.wrapped, e) from e
+        finally:
+            object.__setattr__(self, "_call_inputs", ())
 
 
 def _plan_now(wrapped: CheckpointedModule, args: Sequence[Any], kwargs: dict[str, Any]) -> None:

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphckpt.errors import GraphCkptError, InfeasibleBudgetError
-from passes.simulate import BACKWARD, FORWARD, PRIMAL, TANGENT, StepGraph, simulate
+from passes.simulate import (
+    BACKWARD,
+    FORWARD,
+    PRIMAL,
+    TANGENT,
+    StepGraph,
+    resident_bytes,
+    simulate,
+)
 
 __all__ = ["MilpResult", "milp_min_peak", "solve_milp"]
 
@@ -190,7 +198,7 @@ def _build(sg: StepGraph) -> _Model:
         w = sg.base[v]
         if w in s:
             rows.append(({s[w]: 1.0, k[v]: -1.0}, 0.0, np.inf))
-    resident = sum(sg.nbytes[v] for v, kd in enumerate(sg.kind) if kd == PRIMAL and sg.base[v] == v)
+    resident = resident_bytes(sg)
     rng = {u[num_t - 1, v]: float(sg.rng_state_bytes) for v in cand if sg.random[v] and num_t}
     span, returned = _forward_profile(sg)
     mem: list[tuple[dict[int, float], float]] = []

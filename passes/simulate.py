@@ -23,7 +23,7 @@ from passes.meta import is_view
 from passes.trace import JointGraph
 from passes.transfers import schedule_offloads, schedule_reloads
 
-__all__ = ["Simulation", "StepGraph", "simulate"]
+__all__ = ["Simulation", "StepGraph", "resident_bytes", "simulate"]
 
 PRIMAL, FORWARD, TANGENT, BACKWARD = 0, 1, 2, 3
 
@@ -53,6 +53,8 @@ class StepGraph:
     the runtime copies them into the inputs and drops them when forward ends."""
     scratch: tuple[int, ...] = ()
     """Per node, bytes its kernel allocates and frees while it runs (empty: none anywhere)."""
+    untraced_bytes: int = 0
+    """Resident through the step but in no node: inputs the graph dropped as unused."""
 
     @classmethod
     def build(
@@ -105,11 +107,19 @@ class StepGraph:
             scratch=tuple(-(-c.scratch_bytes // block_bytes) * block_bytes for c in cost)
             if any(c.scratch_bytes for c in cost)
             else (),
+            untraced_bytes=jg.untraced_bytes,
         )
 
     def index_of(self) -> dict[fx.Node, int]:
         """Map from node to its index."""
         return {n: i for i, n in enumerate(self.nodes)}
+
+
+def resident_bytes(sg: StepGraph) -> int:
+    """Bytes resident through the whole step: the graph's inputs (parameters, buffers, user
+    inputs; views of another input not counted again) and the untraced ones."""
+    own = sum(sg.nbytes[v] for v, k in enumerate(sg.kind) if k == PRIMAL and sg.base[v] == v)
+    return own + sg.untraced_bytes
 
 
 def _input_mutation_outputs(jg: JointGraph) -> list[fx.Node]:
@@ -307,9 +317,7 @@ def simulate(
             death[in_fwd[v]] = max(death[in_fwd[v]], t)
 
     rng_bytes = sg.rng_state_bytes * sum(1 for v in recomputed if sg.random[v])
-    resident = rng_bytes + sum(
-        sg.nbytes[v] for v in range(len(kind)) if kind[v] == PRIMAL and sg.base[v] == v
-    )
+    resident = resident_bytes(sg) + rng_bytes
     delta = [0] * (len(schedule) + 2)
     for k, t0 in birth.items():
         size = sg.nbytes[-1 - k] if k < 0 else (0 if kind[k] == PRIMAL else sg.nbytes[k])

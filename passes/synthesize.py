@@ -148,7 +148,7 @@ def synthesize(period: Period, num_layers: int) -> JointGraph:
             i for i, p in enumerate(builder.made) if p in flagged
         ]
     gm = fx.GraphModule(source.gm, builder.graph)
-    return JointGraph(gm, source.num_fwd_outputs, kwargs, index=source.index)
+    return JointGraph(gm, source.num_fwd_outputs, kwargs, source.index, source.untraced_bytes)
 
 
 def _is_placeholder(item: Item) -> bool:

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import functools
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import _extract_fwd_bwd_outputs
+from torch.utils._pytree import tree_leaves
 
 from graphckpt.errors import TraceError
 from passes.meta import is_backward, is_forward
@@ -30,6 +31,7 @@ __all__ = [
     "capture_joint_graphs",
     "dynamo_settings",
     "joint_backend",
+    "untraced_bytes",
 ]
 
 
@@ -40,12 +42,16 @@ class JointGraph:
     ``primals`` are the graph's inputs in forward (parameters, buffers, user inputs),
     ``tangents`` the incoming gradients of its outputs, ``forward`` and ``backward`` the compute
     nodes of each pass in graph order. ``index`` numbers the subgraphs Dynamo produced.
+    ``untraced_bytes`` are resident on the device through the step but read by no node: inputs
+    of the call that Dynamo dropped from the graph because nothing uses them (the budget counts
+    them, DESIGN.md).
     """
 
     gm: fx.GraphModule
     num_fwd_outputs: int
     partition_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    untraced_bytes: int = 0
     primals: list[fx.Node] = field(init=False)
     tangents: list[fx.Node] = field(init=False)
     forward: list[fx.Node] = field(init=False)
@@ -94,11 +100,48 @@ def _eager_compiler(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callab
     return run
 
 
+def untraced_bytes(resident: Iterable[Any], traced: Sequence[Any]) -> int:
+    """Bytes of the storages of ``resident`` that no tensor of ``traced`` lives in.
+
+    Only storages on the devices of the ``traced`` tensors count (each counted once): what a
+    captured graph leaves out of the call's resident tensors.
+
+    Args:
+        resident: the call's parameters, buffers and inputs (non-tensors are skipped).
+        traced: the tensors the captured graph takes as inputs.
+
+    Returns:
+        The bytes.
+
+    Example:
+        >>> x, unused = torch.ones(4), torch.ones(8)
+        >>> untraced_bytes([x, unused, x[:2]], [x])
+        32
+    """
+
+    def key(t: torch.Tensor) -> tuple[str, int]:
+        return (str(t.device), t.untyped_storage().data_ptr())
+
+    tensors = [t for t in traced if isinstance(t, torch.Tensor)]
+    devices = {str(t.device) for t in tensors}
+    seen = {key(t) for t in tensors}
+    total = 0
+    for t in resident:
+        if not isinstance(t, torch.Tensor) or str(t.device) not in devices:
+            continue
+        k = key(t)
+        if k not in seen:
+            seen.add(k)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def joint_backend(
     partitioner: Partitioner,
     compiler: Compiler | None = None,
     *,
     decompositions: dict[Any, Callable[..., Any]] | None = None,
+    resident: Callable[[], Iterable[Any]] | None = None,
 ) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
     """A Dynamo backend that calls ``partitioner`` on each joint graph AOTAutograd builds.
 
@@ -107,6 +150,8 @@ def joint_backend(
         compiler: compiles the forward and backward graphs; runs them eagerly when None.
         decompositions: ATen decompositions AOTAutograd applies while tracing (the joint graph
             the partitioner sees is then the decomposed one); none when None.
+        resident: returns the compiled call's parameters, buffers and inputs; what of them the
+            graph does not take (unused inputs) becomes :attr:`JointGraph.untraced_bytes`.
 
     Returns:
         A callable ``(gm, example_inputs) -> compiled`` to pass as ``torch.compile(backend=)``.
@@ -121,12 +166,14 @@ def joint_backend(
     compile_fn = compiler or _eager_compiler
     counter = iter(range(1 << 30))
 
-    def partition_fn(joint: fx.GraphModule, _inputs: Any, **kwargs: Any) -> Any:
-        num_fwd_outputs = kwargs.pop("num_fwd_outputs")
-        jg = JointGraph(joint, num_fwd_outputs, kwargs, index=next(counter))
-        return partitioner(jg)
-
     def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        outside = untraced_bytes(resident(), example_inputs) if resident is not None else 0
+
+        def partition_fn(joint: fx.GraphModule, _inputs: Any, **kwargs: Any) -> Any:
+            num_fwd_outputs = kwargs.pop("num_fwd_outputs")
+            index = next(counter)
+            return partitioner(JointGraph(joint, num_fwd_outputs, kwargs, index, outside))
+
         with _gc_paused():
             return aot_module_simplified(
                 gm,
@@ -248,8 +295,12 @@ def capture_joint_graphs(
         raise _Captured
 
     model, args, kwargs = _materialise_meta(model, args, dict(kwargs or {}))
+    call = (args, kwargs)
+    backend = joint_backend(
+        record, resident=lambda: [*model.parameters(), *model.buffers(), *tree_leaves(call)]
+    )
     compiled = torch.compile(
-        functools.partial(_call_module, model), backend=joint_backend(record), fullgraph=True
+        functools.partial(_call_module, model), backend=backend, fullgraph=True
     )
     # Dynamo's own collection at the end of a compile is skipped: with the collector paused it
     # would scan every object the trace allocated, and this compile is thrown away at once.

@@ -1,4 +1,5 @@
-"""Tests for passes/trace.py: capture leaves the garbage collector as it found it."""
+"""Tests for passes/trace.py: capture leaves the garbage collector as it found it, and counts
+the resident inputs the graph drops."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import default_partition
 
-from passes.trace import JointGraph, capture_joint_graphs, dynamo_settings, joint_backend
+from passes.trace import (
+    JointGraph,
+    capture_joint_graphs,
+    dynamo_settings,
+    joint_backend,
+    untraced_bytes,
+)
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -42,3 +49,29 @@ def test_collector_is_paused_while_the_partitioner_runs_and_back_after() -> None
     assert seen == [False]
     assert gc.isenabled()
     assert model.weight.grad is not None
+
+
+def test_untraced_bytes_counts_storages_the_graph_does_not_take() -> None:
+    x, unused, other = torch.ones(4), torch.ones(8), torch.ones(2, dtype=torch.float64)
+    # x[:2] shares x's storage; ``unused`` is counted once although given twice
+    assert untraced_bytes([x, unused, x[:2], unused, "not a tensor"], [x]) == 32
+    assert untraced_bytes([x, unused, other], [x, unused]) == 16
+    assert untraced_bytes([x, unused], []) == 0  # no traced device: nothing counts
+
+
+def test_capture_records_the_unused_input() -> None:
+    """Dynamo drops an input nothing reads; it stays resident, so the joint graph says so."""
+
+    class FirstOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).sum()
+
+    x, y = torch.randn(2, 4), torch.randn(3, 4)
+    (jg,) = capture_joint_graphs(FirstOnly(), (x, y))
+    assert jg.untraced_bytes == y.untyped_storage().nbytes() == 48
+    (jg,) = capture_joint_graphs(FirstOnly(), (x, x))
+    assert jg.untraced_bytes == 0
