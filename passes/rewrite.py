@@ -267,10 +267,27 @@ def rewrite_pass(
     saved_values += [s for s in states if s not in saved_values]
     static = jg.partition_kwargs.get("static_lifetime_input_indices") or []
     static_nodes = OrderedSet(p for i, p in enumerate(jg.primals) if i in static)
-    return _extract_fwd_bwd_modules(
+    fw, bw = _extract_fwd_bwd_modules(
         jg.gm,
         saved_values,
         [],
         num_fwd_outputs=jg.num_fwd_outputs,
         static_lifetime_input_nodes=static_nodes,
     )
+    _drop_unused_forward_draws(bw)
+    return fw, bw
+
+
+def _drop_unused_forward_draws(bw: fx.GraphModule) -> None:
+    """Remove forward random ops whose result nothing reads from the backward graph.
+
+    Such a draw (a dropout whose output is unused) runs in forward, where it advances the
+    generator as eager does. The extraction keeps impure nodes wherever their inputs exist, so
+    one whose input is saved for backward would draw a second time there.
+    """
+    dead = [n for n in bw.graph.nodes if not n.users and is_forward(n) and is_random(n)]
+    for node in dead:
+        bw.graph.erase_node(node)
+    if dead:
+        bw.graph.lint()
+        bw.recompile()

@@ -188,7 +188,8 @@ def _backward_schedule(sg: StepGraph, saved: Collection[int]) -> tuple[list[int]
 
 
 def _forward_needed(sg: StepGraph, saved: Collection[int]) -> list[int]:
-    live = set(sg.fwd_outputs) | set(saved)
+    # random ops run even when unused: they advance the generator, as in eager
+    live = set(sg.fwd_outputs) | set(saved) | {v for v in sg.forward if sg.random[v]}
     for v in reversed(sg.forward):
         if v in live:
             live.update(sg.inputs[v])

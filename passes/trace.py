@@ -191,11 +191,16 @@ def joint_backend(
 @contextlib.contextmanager
 def dynamo_settings() -> Iterator[None]:
     """Dynamo settings graphckpt needs, scoped to the call: static shapes (a new shape gets a new
-    plan) and an error, never a silent eager fallback, when recompiles run out."""
-    with torch._dynamo.config.patch(
-        automatic_dynamic_shapes=False,
-        recompile_limit=64,
-        fail_on_recompile_limit_hit=True,
+    plan), an error, never a silent eager fallback, when recompiles run out, and random ops kept
+    when their result is unused (AOTAutograd's dead-code elimination drops them unless
+    ``fallback_random`` is set; eager still draws, so later dropout masks would differ)."""
+    with (
+        torch._dynamo.config.patch(
+            automatic_dynamic_shapes=False,
+            recompile_limit=64,
+            fail_on_recompile_limit_hit=True,
+        ),
+        torch._inductor.config.patch(fallback_random=True),
     ):
         yield
 

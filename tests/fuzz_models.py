@@ -136,9 +136,7 @@ def model_specs(draw: Any, max_ops: int = 8, dropout: bool | None = None) -> Mod
     width = draw(st.integers(4, 16))
     num_inputs = draw(st.integers(1, 3))
     loss_inside = draw(st.booleans())
-    # dropout with the loss summed outside gives a different loss: a known bug (test_fuzz.py,
-    # test_tuple_outputs_dropout), so only loss-inside models draw dropout here
-    use_dropout = (draw(st.booleans()) if dropout is None else dropout) and loss_inside
+    use_dropout = draw(st.booleans()) if dropout is None else dropout
     kinds = [k for k in KINDS if use_dropout or k != "dropout"]
     ops: list[Op] = []
     for i in range(draw(st.integers(2, max_ops))):

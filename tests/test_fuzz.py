@@ -21,9 +21,10 @@ Two tests, because tracing dominates the cost (about 0.4 s per model, a full ste
   predicted peak <= budget, and the checkpointed module's own step, measured at the CPU
   allocator (kernel scratch included, as the planner prices it), peaks <= budget and within
   5% (+ the planner's 64-byte headroom for unmodelled allocations) of
-  ``ckpt.predicted_peak_bytes``. With the loss summed outside, that step is the
-  tuple-returning module's with gradients of ones. Models returning a tuple (summed outside)
-  have no dropout (``test_tuple_outputs_dropout``, xfail strict: their loss differs).
+  ``ckpt.predicted_peak_bytes``, and the global RNG state after the step equals the original's.
+  With the loss summed outside, that step is the tuple-returning module's with gradients of
+  ones. ``test_tuple_outputs_dropout`` is the regression of a dropout whose output is unused
+  (dropped by AOTAutograd's dead-code elimination, so later masks and the RNG state differed).
   ``test_multi_output_peak`` and ``test_tuple_outputs_peak`` are regressions of models with an
   unused input, which Dynamo drops from the graph but which stays resident: the simulator now
   counts it (``JointGraph.untraced_bytes``).
@@ -151,6 +152,7 @@ def test_trains_like_the_original(spec: ModelSpec, fraction: float) -> None:
     # measured by the tracker, equals the prediction exactly)
     assert abs(predicted - peak) <= 0.05 * peak + HEADROOM_BYTES
     assert len(ckpt.plans) == 1
+    assert torch.equal(_rng_after_step(planned, inputs), _rng_after_step(model, inputs))
 
 
 _TUPLE_SPECS = {
@@ -208,16 +210,16 @@ def test_tuple_outputs_peak(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert peak <= budget and abs(ckpt.predicted_peak_bytes - peak) <= 0.05 * peak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tuple-returning model with dropout, loss summed outside the checkpointed module: "
-    "the rewritten graphs' loss differs from the original's at every budget (keep-all included; "
-    "at budgets the original step fits, as here, auto_checkpoint runs the original module and "
-    "matches), while the same model with the loss inside forward is bitwise equal; the model has "
-    "a dropout whose output is unused, which Dynamo's dead-code elimination removes (plain "
-    "torch.compile with aot_eager gives the same wrong loss), so later draws differ from eager",
-)
+def _rng_after_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    torch.manual_seed(3)
+    model(*inputs).backward()
+    return torch.get_rng_state()
+
+
 def test_tuple_outputs_dropout() -> None:
+    """Regression: a dropout whose output is unused was removed by AOTAutograd's dead-code
+    elimination (as in plain torch.compile), so the generator advanced less than in eager and
+    later masks, the loss and the RNG state after the step differed from the original's."""
     spec = ModelSpec(
         width=14,
         num_inputs=1,
@@ -233,7 +235,9 @@ def test_tuple_outputs_dropout() -> None:
     ckpt = graphckpt.auto_checkpoint(planned.inner, 1.0, example_inputs=inputs)
     ckpt._original_peaks.clear()  # the rewritten graphs, not the original module that fits here
     planned.inner = ckpt
-    assert measure_step(planned, inputs, seed=3).loss == reference.loss
+    result = measure_step(planned, inputs, seed=3)
+    assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
+    assert torch.equal(_rng_after_step(planned, inputs), _rng_after_step(model, inputs))
 
 
 def test_multi_output_peak(monkeypatch: pytest.MonkeyPatch) -> None:
