@@ -80,3 +80,32 @@ def test_recomputed_batch_norm_matches_and_updates_stats_once() -> None:
     assert result.loss == reference.loss and grads_equal(result.grads, reference.grads)
     for (name, a), (_, b) in zip(reference_model.named_buffers(), planned.named_buffers()):
         assert torch.equal(a, b), name  # two steps each: running stats updated twice, not 4x
+
+
+def test_unused_dropout_draws_once_in_forward() -> None:
+    """A dropout whose output is unused still draws (as eager does), in forward only, although
+    its input is saved for backward, where the extraction would copy it."""
+    lin = torch.nn.Linear(6, 6)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        torch.nn.functional.dropout(x, 0.5)  # result unused; the draw still advances the RNG
+        return torch.nn.functional.dropout(lin(x), 0.5).sum()
+
+    graphs: list[tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = []
+
+    def partition(jg: JointGraph):
+        graphs.append(rewrite_pass(jg, [n for n in jg.forward if n.name == "getitem_3"]))
+        return graphs[-1]
+
+    x = torch.randn(3, 6)
+    torch.manual_seed(0)
+    f(x).backward()
+    expected = torch.get_rng_state()
+    compiled = torch.compile(f, backend=joint_backend(partition), fullgraph=True)
+    torch.manual_seed(0)
+    with dynamo_settings():
+        compiled(x).backward()
+    assert torch.equal(torch.get_rng_state(), expected)
+    fw, bw = graphs[0]
+    draws = [[n for n in g.graph.nodes if "dropout" in str(n.target)] for g in (fw, bw)]
+    assert len(draws[0]) == 2 and not [n for n in draws[1] if "backward" not in str(n.target)]

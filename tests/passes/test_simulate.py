@@ -67,3 +67,28 @@ def test_recompute_lowers_the_peak_and_costs_time(tiny_gpt) -> None:
     assert keep_none.saved_bytes < keep_all.saved_bytes
     assert keep_none.recompute_seconds > keep_all.recompute_seconds
     assert keep_none.recompute_flops > 0
+
+
+def test_untraced_inputs_are_resident_throughout() -> None:
+    """An input the graph drops as unused still occupies memory for the whole step."""
+    import dataclasses
+
+    from passes.trace import capture_joint_graphs
+
+    class FirstOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).relu().sum()
+
+    (jg,) = capture_joint_graphs(FirstOnly(), (torch.randn(2, 4), torch.randn(5, 4)))
+    assert jg.untraced_bytes == 80
+    nodes = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
+    sg = StepGraph.build(jg, estimate_costs(nodes, DeviceSpec()), 5056)
+    without = dataclasses.replace(sg, untraced_bytes=0)
+    for saved in (set(), _keep_all(jg, sg)):
+        full, bare = simulate(sg, saved, timeline=True), simulate(without, saved, timeline=True)
+        assert full.peak_bytes == bare.peak_bytes + 80
+        assert full.timeline == [t + 80 for t in bare.timeline or []]
