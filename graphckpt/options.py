@@ -37,17 +37,26 @@ class DeviceSpec:
     """Fixed cost of launching one operator."""
     random_elements_per_s: float = 6e8
     """Throughput of random-number generation (dropout masks), in elements per second."""
+    collective_bytes_per_s: float = 1e9
+    """All-gather bandwidth per rank in bytes/s (prices tensor-parallel partitioned saves)."""
+    collective_latency_s: float = 1e-4
+    """Fixed cost of one all-gather."""
 
     def __post_init__(self) -> None:
         if self.type not in ("cpu", "cuda"):
             raise ValueError(f"DeviceSpec.type must be 'cpu' or 'cuda', got {self.type!r}")
-        for name in ("flops_per_s", "bytes_per_s", "random_elements_per_s"):
+        for name in (
+            "flops_per_s",
+            "bytes_per_s",
+            "random_elements_per_s",
+            "collective_bytes_per_s",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(
                     f"DeviceSpec.{name} must be a positive finite number, got {value!r}"
                 )
-        for name in ("host_link_bytes_per_s", "op_overhead_s"):
+        for name in ("host_link_bytes_per_s", "op_overhead_s", "collective_latency_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"DeviceSpec.{name} must be a finite number >= 0, got {value!r}")
@@ -58,7 +67,8 @@ class DeviceSpec:
 
         The CPU numbers were measured on the project's 2-core machine: about 150 GFLOP/s for
         fp32 matmuls, about 20 GB/s for pointwise ops on tensors of a few MiB (they stay in
-        cache), about 6e8 dropout draws per second.
+        cache), about 6e8 dropout draws per second. The all-gather numbers are assumptions
+        (gloo over local TCP; NVLink-class for the GPU), not measurements.
 
         Presets keep plans deterministic across runs and ranks; use :meth:`calibrate` to
         measure the machine instead.
@@ -72,6 +82,8 @@ class DeviceSpec:
                 host_link_bytes_per_s=50e9,
                 op_overhead_s=5e-6,
                 random_elements_per_s=1e11,
+                collective_bytes_per_s=100e9,
+                collective_latency_s=2e-5,
             )
         if kind in ("cpu", "meta"):
             return cls(type="cpu")
@@ -152,6 +164,11 @@ class PlanConfig:
     """Process group whose ranks must agree on the plan; None: the default group."""
     plan_check_timeout_s: float = 120.0
     """How long the plan check waits for every rank to arrive (on gloo groups) before failing."""
+    tp_group: Any = None
+    """Process group of tensor-parallel ranks that hold identical activations. With one of more
+    than one rank, the planner may keep only this rank's 1/world slice of a saved tensor and
+    all-gather it before backward reads it (``passes/partition_plan.py``), priced with
+    ``DeviceSpec.collective_bytes_per_s``."""
 
     def __post_init__(self) -> None:
         for name in ("allow_recompute", "check_plans"):

@@ -41,6 +41,10 @@ class LayerPlan:
     recompute_flops: int
     recompute_seconds: float
     offload_bytes: int = 0
+    partition_bytes: int = 0
+    """Whole size of the layer's partitioned tensors (``kept_bytes`` counts this rank's slices)."""
+    partition_seconds: float = 0.0
+    """Estimated seconds of the all-gathers that rebuild them in backward."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,13 @@ class Plan:
         return sum(layer.offload_bytes for layer in self.layers)
 
     def saved_nodes(self) -> set[str]:
-        """Names of the joint-graph nodes kept for backward (on the device or offloaded)."""
-        return {t.node for t in self.tensors if t.action in ("keep", "offload")}
+        """Names of the joint-graph nodes kept for backward (on the device, offloaded or
+        partitioned)."""
+        return {t.node for t in self.tensors if t.action in ("keep", "offload", "partition")}
+
+    def partitioned_nodes(self) -> set[str]:
+        """Names of the kept nodes of which each rank keeps only a slice until backward."""
+        return {t.node for t in self.tensors if t.action == "partition"}
 
     def offloaded_nodes(self) -> dict[str, str]:
         """Offloaded node names, each with the backward node its reload is issued before."""
@@ -128,6 +137,11 @@ class Plan:
             ]
         )
         headers = ["layer", "kept", "recomp", "kept MiB", "recomp GFLOP", "recomp ms", "offl MiB"]
+        if any(layer.partition_bytes for layer in self.layers):  # tensor-parallel plans only
+            parts = [layer.partition_bytes for layer in self.layers]
+            for row, nbytes in zip(rows, [*parts, sum(parts)]):
+                row.append(f"{nbytes / _MIB:.2f}")
+            headers.append("part MiB")
         body = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
         summary = (
             f"budget {self.budget_bytes / _MIB:.1f} MiB | predicted peak "

@@ -15,10 +15,12 @@ import torch.fx as fx
 
 from graphckpt.distributed import check_plans_agree
 from graphckpt.graph_offload import GraphOffloader
+from graphckpt.graph_partition import GraphPartitioner
 from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
 from passes.batch_norm import drop_unread_batch_norm_stats
 from passes.decompose import split_dropout
+from passes.partition_plan import plan_with_partitions
 from passes.plan import plan_pass
 from passes.rewrite import rewrite_pass
 from passes.trace import JointGraph, Partitioner
@@ -47,11 +49,16 @@ def planning_partitioner(
     """
 
     host = offloader or GraphOffloader()
+    parts = GraphPartitioner(config.tp_group) if config.tp_group is not None else None
+    world_size = parts.world_size if parts is not None else 1
 
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         split_dropout(jg)
         drop_unread_batch_norm_stats(jg)
-        plan = plan_pass(jg, budget_bytes, config, device)
+        if world_size > 1:
+            plan = plan_with_partitions(jg, budget_bytes, config, device, world_size)
+        else:
+            plan = plan_pass(jg, budget_bytes, config, device)
         if config.check_plans:
             check_plans_agree(plan, config.plan_group, timeout_s=config.plan_check_timeout_s)
         on_plan(plan)
@@ -59,6 +66,7 @@ def planning_partitioner(
         by_name = {n.name: n for n in jg.gm.graph.nodes}
         offload = {by_name[v]: by_name[a] for v, a in plan.offloaded_nodes().items()}
         saved = [n for n in jg.forward if n.name in keep]
-        return rewrite_pass(jg, saved, offload, host)
+        partitioned = [by_name[v] for v in sorted(plan.partitioned_nodes())]
+        return rewrite_pass(jg, saved, offload, host, partitioned, parts)
 
     return partition

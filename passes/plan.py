@@ -25,7 +25,7 @@ from passes.milp import milp_min_peak, solve_milp
 from passes.mincut import Policy, segment_policies
 from passes.offload_plan import hidden_offload_prefix
 from passes.refine import Refined, lowest_peak, refine
-from passes.simulate import FORWARD, Simulation, StepGraph, simulate
+from passes.simulate import FORWARD, Simulation, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
 
 __all__ = ["HEADROOM_BYTES", "MILP_MAX_NODES", "PlanSearch", "plan_pass", "rng_state_bytes"]
@@ -287,6 +287,20 @@ def _to_plan(
 ) -> Plan:
     """The Plan for ``saved``: ``bounds`` is (budget, smallest feasible budget, keep-all run)."""
     budget_bytes, least, most = bounds
+    sg = search.sg
+    # A kept tensor that backward never reads (its readers are all kept or recomputed from
+    # elsewhere) is not saved by the rewrite; the plan must not count it.
+    keepable = {v for v in saved if sg.kind[v] == FORWARD and not sg.outputs[v]}
+    unread = keepable - read_in_backward(sg, saved)
+    if unread:
+        pruned = simulate(
+            sg,
+            saved - unread,
+            offloaded=offloaded - unread,
+            link_bytes_per_s=search.link_bytes_per_s,
+        )
+        if pruned.peak_bytes <= sim.peak_bytes:
+            saved, offloaded, sim = saved - unread, offloaded - unread, pruned
     layers, tensors = _describe(search, saved, offloaded, sim)
     return Plan(
         budget_bytes=budget_bytes,

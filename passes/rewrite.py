@@ -24,7 +24,9 @@ from torch.utils._ordered_set import OrderedSet
 from torch.utils._pytree import tree_map
 
 from graphckpt.graph_offload import GraphOffloader
+from graphckpt.graph_partition import GraphPartitioner
 from passes.meta import PARTITIONER_TAG, VAL, is_forward, is_random, node_val
+from passes.partition_rewrite import insert_partitions
 from passes.trace import JointGraph
 
 __all__ = ["recompute_closure", "rewrite_pass"]
@@ -224,6 +226,8 @@ def rewrite_pass(
     saved: Collection[fx.Node],
     offload: dict[fx.Node, fx.Node] | None = None,
     offloader: GraphOffloader | None = None,
+    partition: Collection[fx.Node] = (),
+    partitioner: GraphPartitioner | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Build the forward and backward graph modules that keep exactly ``saved``.
 
@@ -234,6 +238,9 @@ def rewrite_pass(
         offload: kept tensors that go to host memory in between, each with the backward node
             before whose recompute its copy back starts.
         offloader: the object whose methods the offload nodes call (needed with ``offload``).
+        partition: kept tensors of which each rank keeps only a slice until backward
+            (``passes/partition_rewrite.py``).
+        partitioner: the object whose methods those nodes call (needed with ``partition``).
 
     Returns:
         ``(forward_gm, backward_gm)`` as AOTAutograd's ``partition_fn`` returns them.
@@ -258,6 +265,10 @@ def rewrite_pass(
         if offloader is None:
             raise ValueError("rewrite_pass: offload needs an offloader (a GraphOffloader)")
         _insert_offloads(jg, offload, offloader, copies)
+    if partition:
+        if partitioner is None:
+            raise ValueError("rewrite_pass: partition needs a partitioner (a GraphPartitioner)")
+        insert_partitions(jg, partition, partitioner)
     graph.lint()
     jg.gm.recompile()
     jg.refresh()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -23,7 +23,14 @@ from passes.meta import is_view
 from passes.trace import JointGraph
 from passes.transfers import schedule_offloads, schedule_reloads
 
-__all__ = ["Simulation", "StepGraph", "resident_bytes", "simulate"]
+__all__ = [
+    "Simulation",
+    "StepGraph",
+    "first_backward_reads",
+    "read_in_backward",
+    "resident_bytes",
+    "simulate",
+]
 
 PRIMAL, FORWARD, TANGENT, BACKWARD = 0, 1, 2, 3
 
@@ -196,6 +203,31 @@ def _forward_needed(sg: StepGraph, saved: Collection[int]) -> list[int]:
     return [v for v in sg.forward if v in live]
 
 
+def first_backward_reads(sg: StepGraph, bwd: list[int], values: set[int]) -> dict[int, int]:
+    """For each of ``values``, the position in the backward schedule ``bwd`` that reads it first.
+
+    Example:
+        >>> # first_backward_reads(sg, bwd, {3}) == {3: 0} when bwd's first node reads node 3
+    """
+    first: dict[int, int] = {}
+    for i, e in enumerate(bwd):
+        for a in sg.inputs[-1 - e if e < 0 else e]:
+            if a in values:
+                first.setdefault(a, i)
+    return first
+
+
+def read_in_backward(sg: StepGraph, saved: Collection[int]) -> set[int]:
+    """The kept tensors that backward (recompute included) reads when exactly ``saved`` is kept.
+
+    Example:
+        >>> # read_in_backward(sg, {3, 5}) == {3} when backward never reads node 5
+    """
+    keep = {v for v in saved if sg.kind[v] == FORWARD and not sg.outputs[v]}
+    bwd, _ = _backward_schedule(sg, keep)
+    return set(first_backward_reads(sg, bwd, keep))
+
+
 def _reload_points(
     sg: StepGraph, bwd: list[int], offloaded: set[int], link: float
 ) -> tuple[dict[int, int], dict[int, int], float]:
@@ -229,6 +261,7 @@ def simulate(
     offloaded: Collection[int] = (),
     link_bytes_per_s: float = 0.0,
     timeline: bool = False,
+    partitioned: Mapping[int, int] | None = None,
 ) -> Simulation:
     """Simulate the memory of one forward+backward step when exactly ``saved`` is kept.
 
@@ -243,6 +276,9 @@ def simulate(
         offloaded: kept tensors that go to host memory in between.
         link_bytes_per_s: host-link bandwidth (needed when ``offloaded`` is not empty).
         timeline: also return the live bytes after every executed node.
+        partitioned: kept tensors of which only a slice is held between forward and backward,
+            each with its slice's bytes (``passes/partition_plan.py``): the whole tensor goes
+            once forward stops reading it, and is all-gathered again at its first backward use.
 
     Returns:
         The step's peak (kernel scratch included), the forward's peak, the bytes kept for
@@ -261,6 +297,12 @@ def simulate(
     reload_born, reload_anchor, reload_stall = (
         _reload_points(sg, bwd, off, link_bytes_per_s) if off else ({}, {}, 0.0)
     )
+    shards = {v: b for v, b in (partitioned or {}).items() if v in saved and v not in off}
+    if shards:  # the gathered copy is born at the first backward read, like a reload
+        gathered = first_backward_reads(sg, bwd, set(shards))
+        shards = {v: b for v, b in shards.items() if v in gathered}  # unread: nothing to slice
+        reload_born = {**reload_born, **gathered}
+    regained = off | set(shards)  # backward reads a new device copy of these
     # Storage each value lives in, resolved as the schedule runs: a view lives in the storage
     # of the input it was made from, a recomputed copy (key -1 - v) in a new storage.
     in_fwd: dict[int, int] = {}
@@ -269,8 +311,8 @@ def simulate(
     def read(a: int, backward: bool) -> int:
         if kind[a] in (PRIMAL, TANGENT):
             return sg.base[a]
-        if backward and a in off:
-            return -1 - a  # the reloaded device copy
+        if backward and a in regained:
+            return -1 - a  # the reloaded (or gathered) device copy
         if backward and (kind[a] == BACKWARD or a not in saved):
             return in_bwd[a]
         return in_fwd[a]
@@ -301,7 +343,7 @@ def simulate(
         death[k] = max(death.get(k, 0), len(fwd) - 1) if v in released else len(schedule)
     for v in sg.bwd_outputs:
         death[base.get(v, sg.base[v])] = len(schedule)
-    for v in saved - off:  # held by autograd from the end of forward until backward reads it
+    for v in saved - regained:  # held by autograd from the end of forward until backward reads it
         k = in_fwd[v]
         death[k] = max(death[k], len(fwd))
     offload_stall = 0.0
@@ -317,6 +359,7 @@ def simulate(
         for v, t in sent.step.items():
             death[in_fwd[v]] = max(death[in_fwd[v]], t)
 
+    extra = [(fwd.index(v), len(fwd) + reload_born[v], b) for v, b in shards.items()]
     rng_bytes = sg.rng_state_bytes * sum(1 for v in recomputed if sg.random[v])
     resident = resident_bytes(sg) + rng_bytes
     delta = [0] * (len(schedule) + 2)
@@ -325,6 +368,9 @@ def simulate(
         if size:
             delta[t0] += size
             delta[death[k] + 1] -= size
+    for t0, t1, size in extra:  # a slice lives from its tensor's birth until gathered
+        delta[t0] += size
+        delta[t1 + 1] -= size
     live = peak = fwd_peak = resident
     trace: list[int] | None = [] if timeline else None
     scratch = sg.scratch or (0,) * len(kind)
@@ -336,16 +382,16 @@ def simulate(
             fwd_peak = peak
         if trace is not None:
             trace.append(live)
-    kept = {in_fwd[v] for v in saved if kind[in_fwd[v]] == FORWARD}
+    kept = {in_fwd[v] for v in saved if kind[in_fwd[v]] == FORWARD and v not in shards}
     return Simulation(
         peak_bytes=peak,
         forward_peak_bytes=fwd_peak,
-        saved_bytes=sum(sg.nbytes[b] for b in kept) + rng_bytes,
+        saved_bytes=sum(sg.nbytes[b] for b in kept) + sum(shards.values()) + rng_bytes,
         recomputed=recomputed,
         recompute_seconds=sum(sg.seconds[v] for v in recomputed),
         recompute_flops=sum(sg.flops[v] for v in recomputed),
         timeline=trace,
-        offload_bytes=sum(sg.nbytes[v] for v in off),
+        offload_bytes=sum(sg.nbytes[v] for v in off if v not in shards),
         offload_stall_seconds=offload_stall + reload_stall,
         reload_before=reload_anchor,
     )
