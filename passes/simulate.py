@@ -335,7 +335,7 @@ def simulate(
     base = {**{v: k for v, k in in_fwd.items()}, **in_bwd}
     for v, k in enumerate(kind):  # gradients of the outputs arrive when backward starts
         if k == TANGENT:  # held by the caller's backward call (autograd.backward) throughout
-            birth.setdefault(v, len(fwd))
+            birth[v] = len(fwd)  # also when a view of it (a transpose) was born later
             death[v] = len(schedule) - 1
     released = set(sg.released_outputs)
     for v in sg.fwd_outputs:

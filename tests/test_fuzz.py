@@ -43,7 +43,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import graphckpt
@@ -120,7 +120,29 @@ def _inner_step_peak(
     return step_peak_bytes(step, resident, "cpu", method=method)
 
 
+_TANGENT_VIEWS = ModelSpec(
+    width=16,
+    num_inputs=1,
+    ops=(
+        Op("act", 0, act="tanh"),
+        Op("linear", 0),
+        Op("add", 1, 0),
+        Op("add_", 3, 0),
+        Op("layer_norm", 3, 1),
+        Op("conv", 3, 2),
+    ),
+    outputs=(6, 2, 4, 5),
+    loss_inside=False,
+    dropout=True,
+    grad_inputs=(False,),
+)
+"""Found by the long profile: backward transposes two output gradients for a matmul, and the
+simulator counted those gradients from the transposes on, not from the start of backward, so
+the step peaked 179 bytes (0.7%) over the budget."""
+
+
 @_settings(NUM_TRAINED)
+@example(spec=_TANGENT_VIEWS, fraction=0.8489842588129248)
 @given(spec=model_specs(), fraction=st.floats(0.0, 1.0))
 def test_trains_like_the_original(spec: ModelSpec, fraction: float) -> None:
     model = _loss_model(spec, seed=0)
