@@ -294,11 +294,15 @@ def _drop_unused_forward_draws(bw: fx.GraphModule) -> None:
 
     Such a draw (a dropout whose output is unused) runs in forward, where it advances the
     generator as eager does. The extraction keeps impure nodes wherever their inputs exist, so
-    one whose input is saved for backward would draw a second time there.
+    one whose input is saved for backward would draw a second time there, and with it the
+    recompute chain that feeds it (with ``fallback_random`` set, dead-code elimination keeps
+    random ops and therefore everything they read). So dead code is eliminated again, with
+    random ops counted as pure: a forward draw that backward does not read has no business
+    there.
     """
-    dead = [n for n in bw.graph.nodes if not n.users and is_forward(n) and is_random(n)]
-    for node in dead:
-        bw.graph.erase_node(node)
-    if dead:
-        bw.graph.lint()
+
+    def impure(node: fx.Node) -> bool:
+        return node.is_impure(impure_random=False)
+
+    if bw.graph.eliminate_dead_code(is_impure_node=impure):
         bw.recompile()
