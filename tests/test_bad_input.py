@@ -190,6 +190,26 @@ def _new_batch_size_replans() -> None:
     assert all(p.predicted_peak_bytes <= ckpt.budget_bytes for p in ckpt.plans)
 
 
+def _new_sequence_length_replans() -> None:
+    net = _Net()
+    seq = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(2))
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(net), _BUDGET_GB, example_inputs=(seq[:, :3],))
+    reference = copy.deepcopy(net)
+    reference(seq).backward()
+    ckpt(seq).backward()
+    _assert_grads_equal(reference, ckpt)
+    assert len(ckpt.plans) == 2
+
+
+def _moved_to_another_device_replans() -> None:
+    # The only other device on a CPU machine is meta: the step runs there with meta tensors.
+    ckpt = graphckpt.auto_checkpoint(_Net(), _BUDGET_GB, example_inputs=(_x(),))
+    ckpt.to("meta")
+    ckpt(_x().to("meta")).backward()
+    assert len(ckpt.plans) == 2
+    assert all(p.grad is not None and p.grad.is_meta for p in ckpt.parameters())
+
+
 def _new_batch_over_budget_raises() -> None:
     net = _Net()
     wide = graphckpt.plan(net, (_x(2),), 1.0)
@@ -256,6 +276,8 @@ CASES: dict[str, Callable[[], None]] = {
     "planning leaves inputs alone": _planning_leaves_inputs_alone,
     "nothing requires grad": _nothing_requires_grad,
     "new batch size replans": _new_batch_size_replans,
+    "new sequence length replans": _new_sequence_length_replans,
+    "moved to another device replans": _moved_to_another_device_replans,
     "new batch over budget raises": _new_batch_over_budget_raises,
     "dtype change replans": _dtype_change_replans,
     "frozen after planning": _frozen_after_planning,
