@@ -316,7 +316,7 @@ def plan(
     """
     from passes.batch_norm import drop_unread_batch_norm_stats
     from passes.decompose import split_dropout
-    from passes.plan import plan_pass
+    from passes.partition_plan import plan_for_group
     from passes.replicate import capture_for_planning
 
     budget_bytes = budget_to_bytes(budget_gb)
@@ -333,4 +333,5 @@ def plan(
         )
     split_dropout(graphs[0])
     drop_unread_batch_norm_stats(graphs[0])
-    return plan_pass(graphs[0], budget_bytes, cfg, _model_device(model, example_inputs))
+    # With a tp_group of more than one rank: the partitioned plan auto_checkpoint would make.
+    return plan_for_group(graphs[0], budget_bytes, cfg, _model_device(model, example_inputs))

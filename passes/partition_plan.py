@@ -18,14 +18,14 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import DeviceSpec, PlanConfig
-from graphckpt.partition import MIN_PARTITION_ELEMENTS_PER_RANK
+from graphckpt.partition import MIN_PARTITION_ELEMENTS_PER_RANK, group_rank_and_size
 from graphckpt.plan import Plan
 from passes.meta import node_val
 from passes.plan import HEADROOM_BYTES, build_search, plan_pass
 from passes.simulate import FORWARD, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
 
-__all__ = ["gather_seconds", "plan_with_partitions"]
+__all__ = ["gather_seconds", "plan_for_group", "plan_with_partitions"]
 
 _NUM_RUNGS = 6
 """How many looser budgets, between the budget and the keep-all peak, are planned."""
@@ -175,3 +175,18 @@ def plan_with_partitions(
         assert failure is not None, "the plan at the budget itself fits"
         raise failure
     return best
+
+
+def plan_for_group(
+    jg: JointGraph, budget_bytes: int, config: PlanConfig, device: torch.device
+) -> Plan:
+    """``plan_pass``, or :func:`plan_with_partitions` when ``config.tp_group`` has more than
+    one rank: the one entry point ``graphckpt.plan`` and the compile-time partitioner share.
+
+    Example:
+        >>> # plan_for_group(jg, budget, PlanConfig(tp_group=group), torch.device("cpu"))
+    """
+    world_size = group_rank_and_size(config.tp_group)[1] if config.tp_group is not None else 1
+    if world_size > 1:
+        return plan_with_partitions(jg, budget_bytes, config, device, world_size)
+    return plan_pass(jg, budget_bytes, config, device)

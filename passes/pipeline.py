@@ -20,8 +20,7 @@ from graphckpt.options import PlanConfig
 from graphckpt.plan import Plan
 from passes.batch_norm import drop_unread_batch_norm_stats
 from passes.decompose import split_dropout
-from passes.partition_plan import plan_with_partitions
-from passes.plan import plan_pass
+from passes.partition_plan import plan_for_group
 from passes.rewrite import rewrite_pass
 from passes.trace import JointGraph, Partitioner
 
@@ -50,15 +49,11 @@ def planning_partitioner(
 
     host = offloader or GraphOffloader()
     parts = GraphPartitioner(config.tp_group) if config.tp_group is not None else None
-    world_size = parts.world_size if parts is not None else 1
 
     def partition(jg: JointGraph) -> tuple[fx.GraphModule, fx.GraphModule]:
         split_dropout(jg)
         drop_unread_batch_norm_stats(jg)
-        if world_size > 1:
-            plan = plan_with_partitions(jg, budget_bytes, config, device, world_size)
-        else:
-            plan = plan_pass(jg, budget_bytes, config, device)
+        plan = plan_for_group(jg, budget_bytes, config, device)
         if config.check_plans:
             check_plans_agree(plan, config.plan_group, timeout_s=config.plan_check_timeout_s)
         on_plan(plan)

@@ -105,6 +105,13 @@ def _partitioned_plan(rank: int) -> None:
     )
     plan = tp.plan
     assert plan is not None and plan.partitioned_nodes()
+    # graphckpt.plan with the same options shows the same partitioned plan, changing nothing.
+    shown = graphckpt.plan(model, inputs, budget, tp_group=dist.group.WORLD, device=FAST)
+    assert shown.partitioned_nodes() == plan.partitioned_nodes()
+    assert (shown.predicted_peak_bytes, shown.kept_bytes) == (
+        plan.predicted_peak_bytes,
+        plan.kept_bytes,
+    )
     # Live tensors, counted as operators make and free them: gloo's worker thread frees some
     # buffers at times the profiler's allocator-level trace attributes unreliably.
     step_peak = _step_peak(tp, inputs, "tracker")
