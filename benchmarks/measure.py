@@ -18,7 +18,15 @@ from torch import nn
 from graphckpt.flops import count_flops
 from graphckpt.memory import MeasureMethod, resident_bytes, step_peak_bytes
 
-__all__ = ["StepMeasurement", "grads_equal", "measure_step", "resident_bytes", "time_steps"]
+__all__ = [
+    "StepMeasurement",
+    "grads_equal",
+    "measure_step",
+    "paired_ratio",
+    "resident_bytes",
+    "time_step_samples",
+    "time_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,16 @@ def measure_step(
     return StepMeasurement(peak_bytes=peak, flops=flops, loss=float(losses[0]), grads=grads)
 
 
-def time_steps(
+def time_step_samples(
     candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall-clock seconds of each zero-argument step, the candidates interleaved.
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each zero-argument step in every timed round, interleaved.
 
     Runs ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every
     candidate once, in order, and every other round in reverse order (A, B, C, C, B, A, ...),
     so that drifts in machine load and whatever one step leaves behind for the next (caches,
-    allocator state) affect all candidates alike.
+    allocator state) affect all candidates alike. Sample ``i`` of every candidate comes from
+    round ``i``, so samples of one round can be compared pairwise (:func:`paired_ratio`).
 
     Args:
         candidates: step functions by name, e.g. ``{"plain": step_a, "ckpt": step_b}``.
@@ -108,12 +117,12 @@ def time_steps(
         warmup: untimed rounds before them, >= 0.
 
     Returns:
-        The median seconds per call, by candidate name.
+        The seconds of each round, by candidate name.
 
     Example:
-        >>> times = time_steps({"sum": lambda: torch.ones(100).sum()}, repeats=3, warmup=1)
-        >>> sorted(times)
-        ['sum']
+        >>> samples = time_step_samples({"sum": lambda: torch.ones(100).sum()}, repeats=3)
+        >>> len(samples["sum"])
+        3
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -130,7 +139,39 @@ def time_steps(
             start = time.perf_counter()
             step()
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def time_steps(
+    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall-clock seconds of each zero-argument step, the candidates interleaved as in
+    :func:`time_step_samples`.
+
+    Example:
+        >>> times = time_steps({"sum": lambda: torch.ones(100).sum()}, repeats=3, warmup=1)
+        >>> sorted(times)
+        ['sum']
+    """
+    samples = time_step_samples(candidates, repeats, warmup)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: the time ratio of two interleaved candidates.
+
+    Each round's pair ran back to back, so a burst of load that slows one round slows both and
+    cancels in the ratio, where it would shift a ratio of medians.
+
+    Example:
+        >>> paired_ratio([1.0, 2.0, 9.0], [2.0, 4.0, 3.0])
+        0.5
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(
+            f"paired_ratio needs two equally long, non-empty lists, got {len(a)}, {len(b)}"
+        )
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def grads_equal(

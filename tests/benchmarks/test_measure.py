@@ -79,3 +79,14 @@ def test_grads_equal_is_bitwise_unless_given_tolerances() -> None:
     assert not grads_equal(a, {"v": torch.tensor([1.0, 2.0])})
     assert not grads_equal(a, {"w": torch.tensor([1.0, 2.0, 3.0])})
     assert not grads_equal(a, {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)})
+
+
+def test_paired_ratio_cancels_a_slow_round() -> None:
+    from benchmarks.measure import paired_ratio, time_step_samples
+
+    # Round 2 is slow for both candidates: the paired ratio still says b takes twice as long.
+    assert paired_ratio([1.0, 1.0, 5.0], [2.0, 2.0, 10.0]) == 0.5
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
+    samples = time_step_samples({"a": lambda: None, "b": lambda: None}, repeats=4)
+    assert [len(s) for s in samples.values()] == [4, 4]
