@@ -91,9 +91,10 @@ def _measure(node: fx.Node, generator: torch.Generator) -> int:
     """Run ``node``'s op once under the allocator; the bytes it allocated and freed again.
 
     Planning runs inside torch.compile, under AOTAutograd's fake tensor mode; every mode is
-    suspended here, or the "real" tensors would be fake and allocate nothing.
+    suspended here, or the "real" tensors would be fake and allocate nothing. So is autocast
+    (the user's step may run under it): the graph's ops already carry their dtypes.
     """
-    with _disable_current_modes():
+    with _disable_current_modes(), torch.autocast("cpu", enabled=False):
         return _measure_real(node, generator)
 
 

@@ -78,3 +78,63 @@ def test_untraceable_model_is_a_trace_error() -> None:
 
     with pytest.raises(graphckpt.TraceError, match="Untraceable"):
         graphckpt.auto_checkpoint(Untraceable(), 1.0, example_inputs=(torch.randn(2, 4),))
+
+
+def _bn_net() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.GELU(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(32, 16),
+    )
+    return net, torch.randn(8, 16)
+
+
+def _one_step(model: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple:
+    """Loss, grads, buffers and the global RNG state after one training step (seed 5)."""
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x).pow(2).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return loss.detach(), grads, buffers, torch.get_rng_state()
+
+
+def _assert_same_step(a: tuple, b: tuple) -> None:
+    assert torch.equal(a[0], b[0])
+    for x, y in zip(a[1:3], b[1:3]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert torch.equal(a[3], b[3])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "autocast_bf16"])
+def test_model_state_after_a_step_equals_the_original(mode: str) -> None:
+    """Loss, gradients, buffers (BatchNorm stats, counter) and RNG state equal the original's,
+    in training, in eval mode with grad enabled (the plan is kept), and under bf16 autocast."""
+    net, x = _bn_net()
+    wide = graphckpt.plan(copy.deepcopy(net), (x,), 1.0)
+    budget = (wide.min_peak_bytes + wide.max_peak_bytes) // 2 / 2**30
+    reference = copy.deepcopy(net)
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(net), budget, example_inputs=(x,))
+    if mode == "eval":
+        reference.eval(), ckpt.eval()
+    autocast = mode == "autocast_bf16"
+    _assert_same_step(_one_step(reference, x, autocast), _one_step(ckpt, x, autocast))
+    # Planned graphs ran (eval with grad keeps planning); in training the plan recomputes.
+    assert ckpt.plan is not None and not ckpt.runs_original
+    if mode == "train":
+        assert ckpt.plan.recompute_seconds > 0
+
+
+def test_inference_runs_the_original_without_planning() -> None:
+    net, x = _bn_net()
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(net).eval(), 1.0)
+    with torch.inference_mode():
+        y = ckpt(x)
+    with torch.no_grad():
+        z = ckpt(x)
+    assert ckpt.plans == [] and y.is_inference() and torch.equal(y, z)
