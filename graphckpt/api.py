@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,8 +95,16 @@ class CheckpointedModule(nn.Module):
             self.budget_bytes, self.config, device, self.plans.append, self.offloader
         )
 
+        # Dynamo's cache (on _call's code, shared by every wrapper) keeps the backend alive, so
+        # the backend must not keep this wrapper or its model alive: a weak reference.
+        me = weakref.ref(self)
+
         def resident() -> list[Any]:
-            return [*model.parameters(), *model.buffers(), *self._call_inputs]
+            owner = me()
+            if owner is None:
+                return []
+            inner = owner.wrapped
+            return [*inner.parameters(), *inner.buffers(), *owner._call_inputs]
 
         return torch.compile(
             functools.partial(_call, model),

@@ -300,10 +300,11 @@ def capture_joint_graphs(
         raise _Captured
 
     model, args, kwargs = _materialise_meta(model, args, dict(kwargs or {}))
-    call = (args, kwargs)
-    backend = joint_backend(
-        record, resident=lambda: [*model.parameters(), *model.buffers(), *tree_leaves(call)]
-    )
+    # What the call holds resident, for the backend to read once while compiling. Emptied
+    # afterwards: whatever keeps the backend (the exception that ends the capture, say) must
+    # not keep the model and its inputs alive with it.
+    call: list[Any] = [*model.parameters(), *model.buffers(), *tree_leaves((args, kwargs))]
+    backend = joint_backend(record, resident=lambda: list(call))
     compiled = torch.compile(
         functools.partial(_call_module, model), backend=backend, fullgraph=True
     )
@@ -317,6 +318,7 @@ def capture_joint_graphs(
         if not captured:
             raise describe_trace_failure(model, e) from e
     finally:
+        call.clear()
         torch._dynamo.reset()
     return captured
 

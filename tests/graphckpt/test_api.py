@@ -138,3 +138,20 @@ def test_inference_runs_the_original_without_planning() -> None:
     with torch.no_grad():
         z = ckpt(x)
     assert ckpt.plans == [] and y.is_inference() and torch.equal(y, z)
+
+
+def test_a_dropped_wrapper_frees_its_model() -> None:
+    """Regression: the compiled call's backend held the wrapper, and Dynamo's cache (shared by
+    every wrapper) held the backend, so no planned model was ever freed."""
+    import gc
+    import weakref
+
+    from graphckpt.examples import gpt_example
+
+    model, inputs = gpt_example(batch=2, seq=16, n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    ckpt = graphckpt.auto_checkpoint(model, budget_gb=1.0, example_inputs=inputs)
+    ckpt(*inputs).backward()
+    weight = weakref.ref(next(model.parameters()))
+    del ckpt, model
+    gc.collect()
+    assert weight() is None
