@@ -18,7 +18,7 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import DeviceSpec, PlanConfig
-from graphckpt.partition import MIN_PARTITION_ELEMENTS_PER_RANK, group_rank_and_size
+from graphckpt.partition import group_rank_and_size, should_partition
 from graphckpt.plan import Plan
 from passes.meta import node_val
 from passes.plan import HEADROOM_BYTES, build_search, plan_pass
@@ -52,8 +52,7 @@ def _candidates(sg: StepGraph, saved: set[int], world_size: int) -> list[int]:
     """Kept tensors worth partitioning, largest first: floating-point base tensors that backward
     reads, big enough to split, whose storage nothing else holds (no kept view of it, not a
     forward output)."""
-    viewed = {sg.base[u] for u in saved if sg.base[u] != u}
-    outputs = set(sg.fwd_outputs)
+    shared = {sg.base[u] for u in saved if sg.base[u] != u} | set(sg.fwd_outputs)
     found = []
     for v in read_in_backward(sg, saved):
         val = node_val(sg.nodes[v])
@@ -61,11 +60,10 @@ def _candidates(sg: StepGraph, saved: set[int], world_size: int) -> list[int]:
             sg.kind[v] == FORWARD
             and sg.base[v] == v
             and not sg.outputs[v]
-            and v not in viewed | outputs
+            and v not in shared
             and isinstance(val, torch.Tensor)
-            and val.is_floating_point()
+            and should_partition(val, world_size)
             and is_non_overlapping_and_dense_or_false(val)
-            and val.numel() >= world_size * MIN_PARTITION_ELEMENTS_PER_RANK
         ):
             found.append(v)
     return sorted(found, key=lambda v: (-sg.nbytes[v], v))
@@ -96,9 +94,15 @@ def _fewest_partitions(
 
 
 def _describe(
-    plan: Plan, sg: StepGraph, shards: dict[int, int], world_size: int, spec: DeviceSpec
+    plan: Plan,
+    sg: StepGraph,
+    saved: set[int],
+    shards: dict[int, int],
+    world_size: int,
+    spec: DeviceSpec,
 ) -> Plan:
-    """``plan`` with ``shards`` turned from keep into partition, and the step's new peak."""
+    """``plan`` (which keeps ``saved``) with ``shards`` turned from keep into partition, and the
+    step's new peak."""
     names = {sg.nodes[v].name: v for v in shards}
     tensors = [
         dataclasses.replace(t, action="partition") if t.node in names else t for t in plan.tensors
@@ -115,7 +119,6 @@ def _describe(
                 partition_seconds=sum(gather_seconds(sg.nbytes[v], world_size, spec) for v in mine),
             )
         )
-    saved = {v for v, n in enumerate(sg.nodes) if n.name in plan.saved_nodes()}
     peak = simulate(sg, saved, partitioned=shards).peak_bytes
     return dataclasses.replace(plan, layers=layers, tensors=tensors, predicted_peak_bytes=peak)
 
@@ -162,12 +165,13 @@ def plan_with_partitions(
     room = budget_bytes - HEADROOM_BYTES
     best: Plan | None = None
     for plan in plans:
-        saved = {v for v, n in enumerate(sg.nodes) if n.name in plan.saved_nodes()}
+        keep = plan.saved_nodes()
+        saved = {v for v, n in enumerate(sg.nodes) if n.name in keep}
         order = _candidates(sg, saved, world_size)
         shards = _fewest_partitions(sg, saved, order, world_size, room)
         if shards is None:
             continue
-        found = _describe(plan, sg, shards, world_size, spec)
+        found = _describe(plan, sg, saved, shards, world_size, spec)
         found = dataclasses.replace(found, budget_bytes=budget_bytes)
         if best is None or _cost(found) < _cost(best):
             best = found

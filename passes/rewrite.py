@@ -285,20 +285,18 @@ def rewrite_pass(
         num_fwd_outputs=jg.num_fwd_outputs,
         static_lifetime_input_nodes=static_nodes,
     )
-    _drop_unused_forward_draws(bw)
+    _drop_dead_code(bw)
     return fw, bw
 
 
-def _drop_unused_forward_draws(bw: fx.GraphModule) -> None:
-    """Remove forward random ops whose result nothing reads from the backward graph.
+def _drop_dead_code(bw: fx.GraphModule) -> None:
+    """Eliminate dead code from the backward graph, counting random ops as pure.
 
-    Such a draw (a dropout whose output is unused) runs in forward, where it advances the
-    generator as eager does. The extraction keeps impure nodes wherever their inputs exist, so
-    one whose input is saved for backward would draw a second time there, and with it the
-    recompute chain that feeds it (with ``fallback_random`` set, dead-code elimination keeps
-    random ops and therefore everything they read). So dead code is eliminated again, with
-    random ops counted as pure: a forward draw that backward does not read has no business
-    there.
+    A draw whose result nothing reads (a dropout whose output is unused) runs in forward, where
+    it advances the generator as eager does. The extraction keeps impure nodes wherever their
+    inputs exist (with ``fallback_random`` set, dead-code elimination keeps random ops), so one
+    whose input is saved for backward would draw a second time there, together with the
+    recompute chain that feeds it. A draw that backward does not read has no business there.
     """
 
     def impure(node: fx.Node) -> bool:
