@@ -7,11 +7,37 @@ allocates directly (``empty_strided_cpu``) and scratch memory inside kernels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AllocatorPeak", "cpu_allocator_peak"]
+__all__ = ["AllocatorPeak", "cpu_allocator_peak", "garbage_collection_paused"]
+
+
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Pause Python's automatic garbage collection for the duration of a measured call.
+
+    A collection that happens to run inside the call frees garbage the call never made (an
+    earlier model's reference cycle, say). At the CPU allocator such a free is subtracted when
+    its block was allocated under an earlier profile (the profiler remembers its size), so the
+    call would read low by that block; on CUDA it lowers ``memory_allocated`` under the peak
+    just the same. Frees the call itself causes (refcounts reaching zero) still happen.
+
+    Example:
+        >>> with garbage_collection_paused():
+        ...     gc.isenabled()
+        False
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +72,11 @@ def cpu_allocator_peak(step: Callable[[], Any]) -> AllocatorPeak:
     eager code it equals :class:`graphckpt.LiveTensorTracker`'s count; it also sees memory that
     compiled (inductor) kernels allocate, which no dispatch mode can.
 
-    Blocks allocated before the call and freed during it have no known size (the profiler
-    warns once), so their frees are not subtracted: such a step reads high, never low. Free
-    them before the call (set ``.grad`` to None outside ``step``) for an exact figure.
+    A block allocated before the call and freed during it is subtracted only when the profiler
+    saw it allocated (under an earlier profile); otherwise its size is unknown (the profiler
+    warns once) and the step reads high. Free such blocks before the call (set ``.grad`` to None
+    outside ``step``) for an exact figure. Automatic garbage collection is paused during the
+    call (:func:`garbage_collection_paused`), so garbage from before it is never freed inside.
 
     Args:
         step: a zero-argument callable, typically forward + backward of a model.
@@ -77,7 +105,9 @@ def cpu_allocator_peak(step: Callable[[], Any]) -> AllocatorPeak:
             "cpu_allocator_peak runs torch.profiler, but a profiler is already running; "
             "measure outside of it"
         )
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with garbage_collection_paused(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         step()
     current = peak = 0
     deltas = _memory_deltas(prof)

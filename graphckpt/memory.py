@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from graphckpt.allocator import cpu_allocator_peak
+from graphckpt.allocator import cpu_allocator_peak, garbage_collection_paused
 
 __all__ = [
     "LiveTensorTracker",
@@ -142,10 +142,12 @@ def _resolve(device: torch.device | str | None, method: str) -> torch.device:
 
 def _cuda_step_peak(step: Callable[[], Any], dev: torch.device) -> tuple[int, int]:
     """``(allocated before, peak allocated)`` of one step on a CUDA device."""
+    gc.collect()
     torch.cuda.synchronize(dev)
     before = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    step()
+    with garbage_collection_paused():
+        step()
     torch.cuda.synchronize(dev)
     return int(before), int(torch.cuda.max_memory_allocated(dev))
 

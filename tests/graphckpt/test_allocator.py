@@ -60,6 +60,23 @@ def test_sees_buffers_allocated_inside_compiled_code() -> None:
     assert cpu_allocator_peak(lambda: f(x)).peak_bytes >= 3 * nbytes
 
 
+def test_garbage_from_an_earlier_measurement_is_not_freed_inside_the_step() -> None:
+    # A block allocated under an earlier profile has a size the profiler remembers; were a
+    # garbage collection to free it inside the measured step, the step would read 4 MiB low.
+    def make_garbage() -> None:
+        cycle: dict[str, object] = {"block": torch.ones(1 << 20)}
+        cycle["self"] = cycle
+
+    cpu_allocator_peak(make_garbage)
+
+    def step() -> torch.Tensor:
+        junk = [[] for _ in range(20_000)]  # enough new containers to trigger a collection
+        del junk
+        return torch.ones(1024)
+
+    assert cpu_allocator_peak(step).peak_bytes == 4096
+
+
 def test_refuses_to_nest_in_a_running_profiler() -> None:
     cpu = torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[cpu]), pytest.raises(RuntimeError, match="running"):
