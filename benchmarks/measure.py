@@ -6,6 +6,8 @@ so that their numbers compare.
 
 from __future__ import annotations
 
+import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from graphckpt.flops import count_flops
+from graphckpt.allocator import garbage_collection_paused
 from graphckpt.memory import MeasureMethod, resident_bytes, step_peak_bytes
 
 __all__ = [
@@ -101,20 +104,32 @@ def measure_step(
 
 
 def time_step_samples(
-    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    candidates: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    *,
+    min_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each zero-argument step in every timed round, interleaved.
 
-    Runs ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls every
-    candidate once, in order, and every other round in reverse order (A, B, C, C, B, A, ...),
-    so that drifts in machine load and whatever one step leaves behind for the next (caches,
-    allocator state) affect all candidates alike. Sample ``i`` of every candidate comes from
-    round ``i``, so samples of one round can be compared pairwise (:func:`paired_ratio`).
+    Runs ``warmup`` untimed rounds, then ``repeats`` timed rounds, or more when ``min_seconds``
+    asks for it; each round calls every candidate once, in order, and every other round in
+    reverse order (A, B, C, C, B, A, ...), so that drifts in machine load and whatever one step
+    leaves behind for the next (caches, allocator state) affect all candidates alike. Sample
+    ``i`` of every candidate comes from round ``i``, so samples of one round can be compared
+    pairwise (:func:`paired_ratio`). As ``timeit`` does, the timed rounds run with Python's
+    automatic garbage collection paused: a collection costs in proportion to every object the
+    process holds (a benchmark's plans, graphs and compile caches), not to the step that
+    happens to trigger it, so it would charge one candidate for all of them.
 
     Args:
         candidates: step functions by name, e.g. ``{"plain": step_a, "ckpt": step_b}``.
         repeats: timed rounds, >= 1.
         warmup: untimed rounds before them, >= 0.
+        min_seconds: time at least this long in all: the number of rounds is raised to what
+            fits, from the duration of the last warmup round (or the first timed one). Short
+            steps then get many rounds, which a median needs on a noisy machine to resolve
+            differences of a few percent.
 
     Returns:
         The seconds of each round, by candidate name.
@@ -128,17 +143,28 @@ def time_step_samples(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not math.isfinite(min_seconds) or min_seconds < 0:
+        raise ValueError(f"min_seconds must be a finite number >= 0, got {min_seconds}")
+    round_seconds = 0.0
     for _ in range(warmup):
+        start = time.perf_counter()
         for step in candidates.values():
             step()
+        round_seconds = time.perf_counter() - start
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            step = candidates[name]
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
+    gc.collect()
+    with garbage_collection_paused():
+        i = 0
+        while i < repeats or (min_seconds and i * round_seconds < min_seconds):
+            for name in names if i % 2 == 0 else reversed(names):
+                step = candidates[name]
+                start = time.perf_counter()
+                step()
+                samples[name].append(time.perf_counter() - start)
+            if not round_seconds:
+                round_seconds = sum(samples[name][-1] for name in names) or 1e-9
+            i += 1
     return samples
 
 

@@ -9,13 +9,16 @@ against the best baseline that fits the same budget. Steps are timed interleaved
 graphckpt's time over the baseline's in the same round (``paired_ratio``). Where
 auto_checkpoint runs the unmodified module (its step fits) and the best baseline is k = 0 (the
 unmodified module too), the two are one step: the time check passes by identity and the row
-says ``same_step_as_best_k``. Each model is swept in a fresh process (``--in-process`` to
-sweep them all in this one).
+says ``same_step_as_best_k``. Every budget is timed for at least ``--repeats`` rounds and at
+least ``--min-seconds`` seconds, so the fast U-Net steps get about a hundred rounds: near the
+no-checkpoint peak graphckpt and the best k differ by 1-3%, which a median of a few rounds on
+this shared machine cannot resolve. Each model is swept in a fresh process (``--in-process``
+to sweep them all in this one).
 
 Run::
 
     python -m benchmarks.planner_sweep [--models gpt unet hf-gpt2] [--budgets 8] \
-        [--repeats 9] [--in-process] [--out benchmarks/results/planner_sweep.json]
+        [--repeats 9] [--min-seconds 10] [--in-process] [--out benchmarks/results/planner_sweep.json]
 """
 
 from __future__ import annotations
@@ -104,7 +107,12 @@ def _log(msg: str) -> None:
 
 
 def sweep_model(
-    bench: BenchModel, *, n_budgets: int = 8, repeats: int = 5, seed: int = SEED
+    bench: BenchModel,
+    *,
+    n_budgets: int = 8,
+    repeats: int = 5,
+    min_seconds: float = 0.0,
+    seed: int = SEED,
 ) -> dict[str, Any]:
     """Run the whole sweep on one benchmark model and return its JSON-ready result."""
     n_layers = len(bench.layers)
@@ -200,7 +208,10 @@ def sweep_model(
         if best is not None:
             best_model = checkpoint_first_k(bench, best["k"])
             candidates["best_k"] = _step_fn(best_model, inputs)
-        samples = time_step_samples(candidates, repeats=repeats, warmup=1)
+        samples = time_step_samples(
+            candidates, repeats=repeats, warmup=1, min_seconds=min_seconds
+        )
+        row["timed_rounds"] = len(samples["graphckpt"])
         times = {name: statistics.median(s) for name, s in samples.items()}
         row["time_s"] = times["graphckpt"]
         row["best_k_time_s"] = times.get("best_k")
@@ -263,6 +274,7 @@ def sweep(
     *,
     n_budgets: int = 8,
     repeats: int = 5,
+    min_seconds: float = 0.0,
     seed: int = SEED,
 ) -> dict[str, Any]:
     """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result."""
@@ -270,7 +282,7 @@ def sweep(
     for item in models:
         bench = bench_model(item) if isinstance(item, str) else item
         result["models"][bench.name] = sweep_model(
-            bench, n_budgets=n_budgets, repeats=repeats, seed=seed
+            bench, n_budgets=n_budgets, repeats=repeats, min_seconds=min_seconds, seed=seed
         )
     return result
 
@@ -330,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODEL_NAMES))
     parser.add_argument("--budgets", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=10.0,
+        help="time each budget for at least this long (more rounds than --repeats if needed)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", default="benchmarks/results/planner_sweep.json")
     parser.add_argument(
@@ -339,9 +357,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     if args.in_process or len(args.models) == 1:
-        result = sweep(args.models, n_budgets=args.budgets, repeats=args.repeats, seed=args.seed)
+        result = sweep(
+            args.models,
+            n_budgets=args.budgets,
+            repeats=args.repeats,
+            min_seconds=args.min_seconds,
+            seed=args.seed,
+        )
     else:
-        options = ["--budgets", str(args.budgets), "--repeats", str(args.repeats)]
+        options = [
+            "--budgets", str(args.budgets),
+            "--repeats", str(args.repeats),
+            "--min-seconds", str(args.min_seconds),
+        ]  # fmt: skip
         result = _sweep_isolated(args.models, [*options, "--seed", str(args.seed)])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

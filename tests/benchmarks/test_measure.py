@@ -90,3 +90,20 @@ def test_paired_ratio_cancels_a_slow_round() -> None:
         paired_ratio([1.0], [1.0, 2.0])
     samples = time_step_samples({"a": lambda: None, "b": lambda: None}, repeats=4)
     assert [len(s) for s in samples.values()] == [4, 4]
+
+
+def test_time_step_samples_runs_enough_rounds_to_fill_min_seconds() -> None:
+    from benchmarks.measure import time_step_samples
+
+    def sleep() -> None:
+        time.sleep(0.01)
+
+    # Rounds of about 20 ms: 0.2 s asks for about 10 rounds, more than the 3 repeats.
+    samples = time_step_samples({"a": sleep, "b": sleep}, repeats=3, min_seconds=0.2)
+    assert 8 <= len(samples["a"]) == len(samples["b"]) <= 11
+    # Without warmup the first timed round sets the pace.
+    samples = time_step_samples({"a": sleep}, repeats=1, warmup=0, min_seconds=0.1)
+    assert 8 <= len(samples["a"]) <= 11
+    assert len(time_step_samples({"a": sleep}, repeats=5, min_seconds=0.01)["a"]) == 5
+    with pytest.raises(ValueError, match="min_seconds"):
+        time_step_samples({"a": sleep}, repeats=1, min_seconds=-1.0)
