@@ -8,6 +8,8 @@ graphs run as eager fx code or are compiled by inductor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -139,6 +141,9 @@ class GraphCkptBackend:
         self._device = torch.device("cpu")
         decompositions = None
         if compiler == "inductor":
+            # Inductor's decompositions (max_pool2d's) read torch._inductor.lowering, which a
+            # fresh process has not imported until inductor first compiles something.
+            importlib.import_module("torch._inductor.lowering")
             from torch._inductor.decomposition import select_decomp_table
 
             with _inductor_settings():
@@ -290,4 +295,8 @@ def backend(
     if on_plan is not None and not callable(on_plan):
         raise TypeError(f"on_plan must be callable, got {type(on_plan).__name__}")
     cfg = PlanConfig.from_options(config, options)
+    if cfg.fused_pointwise is None:
+        # Inductor fuses pointwise ops: the planner prices recomputing them inside backward's
+        # kernels as nearly free and keeping them as a forward write (passes/cost.py).
+        cfg = dataclasses.replace(cfg, fused_pointwise=compiler == "inductor")
     return GraphCkptBackend(budget_bytes, compiler, cfg, on_plan)

@@ -166,3 +166,21 @@ def test_plain_graph_is_inductor_compatible() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _eager_only_reason(fx.GraphModule(nn.Module(), graph)) is None
+
+
+def test_inductor_compiles_a_cnn_in_a_fresh_process() -> None:
+    """Inductor's max_pool2d decomposition reads torch._inductor.lowering, which nothing has
+    imported in a fresh process until inductor compiles: the backend imports it itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, graphckpt\n"
+        "from graphckpt.examples import unet_example\n"
+        "m, inputs = unet_example(batch=1, size=16, base_channels=4, depth=2)\n"
+        "be = graphckpt.backend(budget_gb=1.0)\n"
+        "torch.compile(m, backend=be)(*inputs).backward()\n"
+        "assert be.plans and all(p.grad is not None for p in m.parameters())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
