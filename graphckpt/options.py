@@ -164,6 +164,12 @@ class PlanConfig:
     """Process group whose ranks must agree on the plan; None: the default group."""
     plan_check_timeout_s: float = 120.0
     """How long the plan check waits for every rank to arrive (on gloo groups) before failing."""
+    fused_pointwise: bool | None = None
+    """Whether a compiler that fuses pointwise ops (inductor) runs the rewritten graphs. Then
+    recomputing a pointwise op inside backward's fused kernels costs next to nothing, while
+    keeping its output costs a write in forward that fusion would have saved; the cost model
+    prices both (``passes/cost.py``). None: automatic, True under ``graphckpt.backend`` with
+    ``compiler="inductor"``, False for ``auto_checkpoint`` (eager fx graphs)."""
     tp_group: Any = None
     """Process group of tensor-parallel ranks that hold identical activations. With one of more
     than one rank, the planner may keep only this rank's 1/world slice of a saved tensor and
@@ -171,6 +177,10 @@ class PlanConfig:
     ``DeviceSpec.collective_bytes_per_s``."""
 
     def __post_init__(self) -> None:
+        if self.fused_pointwise is not None and not isinstance(self.fused_pointwise, bool):
+            raise TypeError(
+                f"PlanConfig.fused_pointwise must be a bool or None, got {self.fused_pointwise!r}"
+            )
         for name in ("allow_recompute", "check_plans"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PlanConfig.{name} must be a bool, got {getattr(self, name)!r}")

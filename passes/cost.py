@@ -37,6 +37,9 @@ class NodeCost:
     scratch_bytes: int = 0
     """Bytes the op's kernel allocates beyond its outputs and frees before it returns (live
     only while the node runs); 0 unless measured."""
+    keep_seconds: float = 0.0
+    """Extra seconds that keeping this output for backward costs: under a fusing compiler, the
+    write of a pointwise output that would otherwise live only inside a fused kernel."""
 
 
 def _formula_table() -> dict[Any, Callable[..., int]]:
@@ -107,14 +110,76 @@ def _allocated_bytes(node: fx.Node) -> int:
     return 0
 
 
+def _fusible_ops() -> Callable[[fx.Node], bool]:
+    """Whether a node is an op inductor fuses into its neighbours' kernels: torch's own
+    partitioner's list of fusible ops, less random ops (graphckpt replays those) and views."""
+    from torch._functorch.partitioners import get_default_op_list
+
+    op_types = get_default_op_list()
+
+    def fusible(node: fx.Node) -> bool:
+        if node.op != "call_function" or is_view(node) or is_random(node):
+            return False
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            return isinstance(parent, fx.Node) and fusible(parent)
+        return bool(op_types.is_fusible(node)) and not op_types.is_random(node)
+
+    return fusible
+
+
+def _fused_costs(
+    node: fx.Node, fusible: Callable[[fx.Node], bool], device: DeviceSpec, backward: set[fx.Node]
+) -> tuple[float, float]:
+    """``(recompute seconds, keep seconds)`` of a fusible node under a fusing compiler.
+
+    Recomputed in backward, it is fused into the kernels that read it, unless one of its
+    backward readers is not fusible (a matmul): then it is written out once. Kept, it costs a
+    write in forward, unless a non-fusible forward reader needs it written out anyway.
+    """
+    write = tensor_bytes(node_val(node)) / device.bytes_per_s
+    readers = _readers(node)
+    recompute = write if any(u in backward and not fusible(u) for u in readers) else 0.0
+    materialized = any(
+        u not in backward and u.op != "output" and not fusible(u) for u in readers
+    )
+    return recompute, 0.0 if materialized else write
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s data: its users, looking through views (``detach``)."""
+    out, stack, seen = [], list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "call_function" and is_view(user):
+            stack.extend(user.users)
+        else:
+            out.append(user)
+    return out
+
+
 def estimate_costs(
-    nodes: Iterable[fx.Node], device: DeviceSpec, *, measure_scratch: bool = False
+    nodes: Iterable[fx.Node],
+    device: DeviceSpec,
+    *,
+    measure_scratch: bool = False,
+    fused_pointwise: bool = False,
+    backward: Iterable[fx.Node] = (),
 ) -> dict[fx.Node, NodeCost]:
     """Price each node: allocated bytes, FLOPs, and roofline seconds on ``device``.
 
     Seconds are ``op_overhead + max(flops / flops_per_s, bytes_moved / bytes_per_s,
     random draws / random_elements_per_s)`` for real ops; views and ``getitem`` cost nothing
     (they move no data).
+
+    With ``fused_pointwise`` (inductor runs the rewritten graphs) a fusible op (pointwise ops
+    and the reductions torch's partitioner also treats as free to recompute) is priced as its
+    fused kernels make it: recomputing it costs nothing unless a non-fusible backward reader
+    needs it written out, and keeping it costs a forward write (``keep_seconds``) unless a
+    non-fusible forward reader needs that write anyway. ``backward`` names the backward nodes.
 
     With ``measure_scratch`` the ops known to use kernel scratch memory (convolutions, see
     ``passes.scratch.SCRATCH_OPS``) are run once on random CPU tensors of their shapes and
@@ -126,6 +191,8 @@ def estimate_costs(
         device: the target device's roofline numbers.
         measure_scratch: measure kernel scratch memory on this CPU (only right when the model
             runs on this CPU).
+        fused_pointwise: price fusible ops as a fusing compiler (inductor) runs them.
+        backward: the joint graph's backward nodes (read with ``fused_pointwise``).
 
     Returns:
         A NodeCost per node.
@@ -137,6 +204,8 @@ def estimate_costs(
     """
     formulas = _formula_table()
     nodes = list(nodes)
+    fusible = _fusible_ops() if fused_pointwise else None
+    in_backward = set(backward)
     scratch = measure_scratch_bytes(nodes) if measure_scratch else {}
     costs: dict[fx.Node, NodeCost] = {}
     for node in nodes:
@@ -150,7 +219,15 @@ def estimate_costs(
             _moved_bytes(node) / device.bytes_per_s,
             _drawn_elements(node) / device.random_elements_per_s if random else 0.0,
         )
+        keep_seconds = 0.0
+        if fusible is not None and fusible(node):
+            seconds, keep_seconds = _fused_costs(node, fusible, device, in_backward)
         costs[node] = NodeCost(
-            _allocated_bytes(node), flops, seconds, random, scratch_bytes=scratch.get(node, 0)
+            _allocated_bytes(node),
+            flops,
+            seconds,
+            random,
+            scratch_bytes=scratch.get(node, 0),
+            keep_seconds=keep_seconds,
         )
     return costs

@@ -1,7 +1,8 @@
 """Per-layer keep/recompute trade-offs by minimum cut, for the planner's search.
 
 For one segment (a layer) and a price ``lam`` in seconds per byte kept, a minimum s-t cut picks
-the set of tensors to keep that minimises ``lam * bytes kept + seconds recomputed`` such that
+the set of tensors to keep that minimises ``lam * bytes kept + seconds recomputed`` (plus the
+seconds keeping costs, ``StepGraph.keep_seconds``, under a fusing compiler) such that
 everything backward reads can be recomputed from what is kept. Sweeping ``lam`` gives the lower
 convex hull of the layer's memory/recompute trade-off. Inputs from outside the segment can be
 kept but never recomputed here; parameters cost nothing to keep.
@@ -31,11 +32,22 @@ class Policy:
     recomputed: frozenset[int]
     saved_bytes: int
     recompute_seconds: float
+    keep_seconds: float = 0.0
+    """What keeping ``saved`` costs in time (``StepGraph.keep_seconds``; 0 unless fused)."""
+
+    @property
+    def seconds(self) -> float:
+        """The policy's time cost: recompute plus keep seconds."""
+        return self.recompute_seconds + self.keep_seconds
 
 
 def _storage_bytes(sg: StepGraph, v: int) -> int:
     b = sg.base[v]
     return 0 if sg.kind[b] == PRIMAL else sg.nbytes[b]
+
+
+def _keep_s(sg: StepGraph, v: int) -> float:
+    return sg.keep_seconds[v] if sg.keep_seconds else 0.0
 
 
 def _cut(
@@ -47,7 +59,9 @@ def _cut(
     g.add_node("t")
     for v in members:
         # Keeping a view keeps its base: views and tuples are recomputed (free), never kept.
-        keep_cost = _INF if (sg.base[v] != v or v in tuples) else lam * _storage_bytes(sg, v)
+        keep_cost = (
+            _INF if (sg.base[v] != v or v in tuples) else lam * _storage_bytes(sg, v) + _keep_s(sg, v)
+        )
         g.add_edge(("in", v), ("out", v), capacity=keep_cost)
         recompute_cost = _INF if must_keep(sg.nodes[v]) else sg.seconds[v] + 1e-12
         g.add_edge("s", ("in", v), capacity=recompute_cost)
@@ -103,14 +117,15 @@ def segment_policies(
             recomputed=recomputed,
             saved_bytes=sum(sg.nbytes[b] for b in kept),
             recompute_seconds=sum(sg.seconds[v] for v in recomputed),
+            keep_seconds=sum(_keep_s(sg, b) for b in kept),
         )
-    policies = sorted(seen.values(), key=lambda p: (-p.saved_bytes, p.recompute_seconds))
+    policies = sorted(seen.values(), key=lambda p: (-p.saved_bytes, p.seconds))
     # Keep the lower hull: a policy that keeps more and also recomputes more is never useful.
     hull: list[Policy] = []
     for p in policies:
-        if hull and p.recompute_seconds <= hull[-1].recompute_seconds + 1e-15:
+        if hull and p.seconds <= hull[-1].seconds + 1e-15:
             hull[-1] = p if p.saved_bytes <= hull[-1].saved_bytes else hull[-1]
             continue
         hull.append(p)
-    assert math.isfinite(sum(p.recompute_seconds for p in hull))
+    assert math.isfinite(sum(p.seconds for p in hull))
     return hull

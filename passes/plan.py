@@ -100,6 +100,7 @@ def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -
         recomputed=frozenset(mapping.get(v, v) for v in policy.recomputed),
         saved_bytes=policy.saved_bytes,
         recompute_seconds=policy.recompute_seconds,
+        keep_seconds=policy.keep_seconds,
     )
 
 
@@ -122,7 +123,13 @@ def _solve_segments(
     jg: JointGraph, config: PlanConfig, spec: DeviceSpec, measure_scratch: bool
 ) -> PlanSearch:
     nodes = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
-    costs = estimate_costs(nodes, spec, measure_scratch=measure_scratch)
+    costs = estimate_costs(
+        nodes,
+        spec,
+        measure_scratch=measure_scratch,
+        fused_pointwise=bool(config.fused_pointwise),
+        backward=jg.backward,
+    )
     sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type), 512 if spec.type == "cuda" else 1)
     index = sg.index_of()
     segments = find_segments(jg.forward, config.layers)
@@ -165,7 +172,7 @@ def greedy_sequence(search: PlanSearch) -> list[State]:
     for seg, pols in enumerate(search.policies):
         for p in range(1, len(pols)):
             freed = max(pols[p - 1].saved_bytes - pols[p].saved_bytes, 1)
-            cost = pols[p].recompute_seconds - pols[p - 1].recompute_seconds
+            cost = pols[p].seconds - pols[p - 1].seconds
             steps.append((cost / freed, seg, p))
     steps.sort()
     choice = [0] * len(search.policies)
@@ -187,7 +194,8 @@ def prefix_states(search: PlanSearch) -> list[State]:
 
 
 def _cost(search: PlanSearch, sim: Simulation) -> tuple[float, int]:
-    return (sim.recompute_seconds + sim.offload_stall_seconds, sim.recompute_flops)
+    seconds = sim.recompute_seconds + sim.offload_stall_seconds + sim.keep_seconds
+    return (seconds, sim.recompute_flops)
 
 
 def _first_fitting(

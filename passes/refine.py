@@ -39,7 +39,8 @@ class Refined:
 
 
 def _cost(sim: Simulation) -> tuple[float, int]:
-    return (sim.recompute_seconds + sim.offload_stall_seconds, sim.recompute_flops)
+    seconds = sim.recompute_seconds + sim.offload_stall_seconds + sim.keep_seconds
+    return (seconds, sim.recompute_flops)
 
 
 @dataclass

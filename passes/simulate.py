@@ -62,6 +62,8 @@ class StepGraph:
     """Per node, bytes its kernel allocates and frees while it runs (empty: none anywhere)."""
     untraced_bytes: int = 0
     """Resident through the step but in no node: inputs the graph dropped as unused."""
+    keep_seconds: tuple[float, ...] = ()
+    """Per node, seconds that keeping its output costs (``NodeCost.keep_seconds``; empty: 0)."""
 
     @classmethod
     def build(
@@ -115,6 +117,9 @@ class StepGraph:
             if any(c.scratch_bytes for c in cost)
             else (),
             untraced_bytes=jg.untraced_bytes,
+            keep_seconds=tuple(c.keep_seconds for c in cost)
+            if any(c.keep_seconds for c in cost)
+            else (),
         )
 
     def index_of(self) -> dict[fx.Node, int]:
@@ -158,6 +163,8 @@ class Simulation:
     """Seconds compute waits for the host link (0 when every copy hides behind compute)."""
     reload_before: dict[int, int] | None = None
     """For each offloaded tensor, the backward node its reload is issued just before."""
+    keep_seconds: float = 0.0
+    """What keeping the kept tensors costs in time (``StepGraph.keep_seconds``)."""
 
 
 def _backward_schedule(sg: StepGraph, saved: Collection[int]) -> tuple[list[int], list[int]]:
@@ -394,4 +401,5 @@ def simulate(
         offload_bytes=sum(sg.nbytes[v] for v in off if v not in shards),
         offload_stall_seconds=offload_stall + reload_stall,
         reload_before=reload_anchor,
+        keep_seconds=sum(sg.keep_seconds[b] for b in kept) if sg.keep_seconds else 0.0,
     )

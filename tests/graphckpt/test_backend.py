@@ -58,6 +58,14 @@ def test_config_and_options_are_exclusive() -> None:
         graphckpt.backend(1.0, config=PlanConfig(), allow_recompute=False)
 
 
+def test_fused_pointwise_pricing_follows_the_compiler() -> None:
+    assert graphckpt.backend(1.0).config.fused_pointwise is True
+    assert graphckpt.backend(1.0, compiler="eager").config.fused_pointwise is False
+    assert graphckpt.backend(1.0, fused_pointwise=False).config.fused_pointwise is False
+    with pytest.raises(TypeError, match="fused_pointwise must be a bool or None"):
+        PlanConfig(fused_pointwise="yes")  # type: ignore[arg-type]
+
+
 def test_inductor_recomputes_and_matches_eager_grads(tiny_gpt) -> None:
     model, inputs = tiny_gpt
     functorch_cfg = torch._functorch.config
