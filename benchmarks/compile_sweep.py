@@ -7,7 +7,9 @@ peak, measured at the CPU allocator (``step_peak_bytes(method="allocator")``: me
 inductor's generated code included; CUDA memory stats on a GPU), its gradients against the
 eager unmodified model (dropout active, same seed), and its step time against plain
 ``torch.compile`` (inductor, default partitioner) with ``activation_memory_budget`` tuned by
-bisection over the fraction to reach the same peak, timed interleaved in the same run.
+bisection over the fraction to reach the same peak, timed interleaved in the same run (at least
+``--repeats`` rounds and ``--min-seconds`` per budget; the ratio is the median of the rounds'
+paired ratios, ``benchmarks.measure.paired_ratio``).
 
 Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
 per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
@@ -16,7 +18,7 @@ per backend object on the model's code, hence the raised recompile limit); ``tor
 Run::
 
     python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
-        [--repeats 5] [--bisect-steps 2] [--out benchmarks/results/compile_sweep.json]
+        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--out benchmarks/results/compile_sweep.json]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from benchmarks.compile_variants import (
     measure_variant,
     torch_inductor_backend,
 )
-from benchmarks.measure import time_steps
+from benchmarks.measure import paired_ratio, time_step_samples
 from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
 from benchmarks.planner_sweep import budget_points, machine_info
 
@@ -180,14 +182,25 @@ def _budget_row(
 
 
 def _time_row(
-    row: dict[str, Any], v: Variant, t: Variant | None, *, repeats: int, tag: str
+    row: dict[str, Any],
+    v: Variant,
+    t: Variant | None,
+    *,
+    repeats: int,
+    min_seconds: float,
+    tag: str,
 ) -> None:
-    """Time graphckpt's and torch's steps interleaved (median of ``repeats``), into ``row``."""
+    """Time graphckpt's and torch's steps interleaved, into ``row``: medians of at least
+    ``repeats`` rounds and ``min_seconds``, and the median of the rounds' paired ratios."""
     candidates = {"graphckpt": v.step} | ({} if t is None else {"torch": t.step})
-    times = time_steps(candidates, repeats=repeats, warmup=2)
+    samples = time_step_samples(candidates, repeats=repeats, warmup=2, min_seconds=min_seconds)
+    times = {name: statistics.median(s) for name, s in samples.items()}
     row["time_s"] = times["graphckpt"]
     row["torch_time_s"] = times.get("torch")
-    row["time_ratio"] = None if t is None else times["graphckpt"] / times["torch"]
+    row["timed_rounds"] = len(samples["graphckpt"])
+    row["time_ratio"] = (
+        None if t is None else paired_ratio(samples["graphckpt"], samples["torch"])
+    )
     ratio = "" if t is None else f", torch {times['torch'] * 1e3:.1f} ms: {row['time_ratio']:.3f}"
     _log(
         f"[{tag}] budget {row['budget_bytes'] / _MIB:.2f} MiB: graphckpt "
@@ -221,6 +234,7 @@ def sweep_model(
     *,
     n_budgets: int = 6,
     repeats: int = 5,
+    min_seconds: float = 0.0,
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
 ) -> dict[str, Any]:
@@ -243,7 +257,7 @@ def sweep_model(
     # the profiler a slow first call) that would land in the timings.
     made = [_budget_row(bench, b, curve, ref_grads, bisect_steps=bisect_steps) for b in budgets]
     for row, v, t in made:
-        _time_row(row, v, t, repeats=repeats, tag=tag)
+        _time_row(row, v, t, repeats=repeats, min_seconds=min_seconds, tag=tag)
     rows = [row for row, _, _ in made]
     return {
         "eager_peak_bytes": ref.peak_bytes,
@@ -260,6 +274,7 @@ def sweep(
     *,
     n_budgets: int = 6,
     repeats: int = 5,
+    min_seconds: float = 0.0,
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
     out: Path | None = None,
@@ -278,6 +293,7 @@ def sweep(
                 bench,
                 n_budgets=n_budgets,
                 repeats=repeats,
+                min_seconds=min_seconds,
                 bisect_steps=bisect_steps,
                 fractions=fractions,
             )
@@ -323,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODEL_NAMES))
     parser.add_argument("--budgets", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=10.0,
+        help="time each budget for at least this long (more rounds than --repeats if needed)",
+    )
     parser.add_argument("--bisect-steps", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/compile_sweep.json")
     args = parser.parse_args(argv)
@@ -331,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.models,
         n_budgets=args.budgets,
         repeats=args.repeats,
+        min_seconds=args.min_seconds,
         bisect_steps=args.bisect_steps,
         out=out,
     )
