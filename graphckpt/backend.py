@@ -43,12 +43,13 @@ class _Subgraph:
 
 
 @contextlib.contextmanager
-def _inductor_settings() -> Iterator[None]:
+def _inductor_settings(exact_rng: bool = True) -> Iterator[None]:
     """Inductor config for our graphs, scoped to one compile.
 
-    ``fallback_random``: inductor would otherwise replace ATen random ops by its own generator,
-    which the rewriter's ``run_and_save_rng_state`` / ``run_with_rng_state`` replay cannot see,
-    so recomputed dropout masks would differ from the forward ones (and from eager).
+    ``fallback_random`` (``exact_rng``): inductor would otherwise replace ATen random ops by its
+    own generator, which the rewriter's ``run_and_save_rng_state`` / ``run_with_rng_state``
+    replay cannot see, so recomputed dropout masks would differ from the forward ones (and from
+    eager). With ``exact_rng=False`` the planner keeps every draw instead (no replay needed).
 
     ``reorder_for_peak_memory`` off: that pass moves the planner's split dropout draws
     (``bernoulli`` into a fresh buffer, no data dependence on each other) out of program order,
@@ -57,7 +58,7 @@ def _inductor_settings() -> Iterator[None]:
     """
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(fallback_random=True, reorder_for_peak_memory=False):
+    with inductor_config.patch(fallback_random=exact_rng, reorder_for_peak_memory=False):
         yield
 
 
@@ -128,12 +129,14 @@ class GraphCkptBackend:
         compiler: CompilerName,
         config: PlanConfig,
         on_plan: Callable[[Plan], None] | None,
+        exact_rng: bool = True,
     ) -> None:
         from passes.trace import joint_backend
 
         self.budget_bytes = budget_bytes
         self.compiler = compiler
         self.config = config
+        self.exact_rng = exact_rng
         self.plans: list[Plan] = []
         self.offloader = GraphOffloader()
         self._on_plan = on_plan
@@ -146,7 +149,7 @@ class GraphCkptBackend:
             importlib.import_module("torch._inductor.lowering")
             from torch._inductor.decomposition import select_decomp_table
 
-            with _inductor_settings():
+            with _inductor_settings(exact_rng):
                 decompositions = dict(select_decomp_table())
         self._joint = joint_backend(self._partition, self._compile, decompositions=decompositions)
 
@@ -227,7 +230,19 @@ class GraphCkptBackend:
         from torch._inductor.compile_fx import compile_fx_inner
 
         inputs = _fake_inputs(gm, example_inputs)
-        with _inductor_settings():
+        with _inductor_settings(self.exact_rng):
+            if not self.exact_rng:
+                # What compile_fx does on the joint graph before partitioning (we partition
+                # ourselves): ATen random ops become inductor's seeded, fusible ones.
+                from torch._guards import detect_fake_mode
+                from torch._inductor.fx_passes import replace_random
+                from torch._inductor.virtualized import V
+
+                with V.set_fake_mode(detect_fake_mode(inputs)):
+                    replaced = replace_random.patterns.apply(gm)
+                    replaced += replace_random.fuse_seed_creation_pass(gm.graph)
+                if replaced:
+                    gm.recompile()
             return compile_fx_inner(
                 gm, inputs, is_backward=role == "backward", is_inference=role == "inference"
             )
@@ -239,6 +254,7 @@ def backend(
     compiler: CompilerName = "inductor",
     on_plan: Callable[[Plan], None] | None = None,
     config: PlanConfig | None = None,
+    exact_rng: bool = True,
     **options: Any,
 ) -> GraphCkptBackend:
     """A ``torch.compile`` backend that plans each training graph to fit ``budget_gb`` GiB.
@@ -253,6 +269,12 @@ def backend(
     keep torch's generator (and its replay). A graph that offloads to host memory calls Python
     methods inductor cannot lower: it runs as eager fx code, with a warning.
     ``compiler="eager"`` runs every rewritten graph as eager fx code, like ``auto_checkpoint``.
+
+    ``exact_rng=False`` (inductor only) lets inductor draw random numbers its own way, fused into
+    its kernels, as a plain ``torch.compile`` does: faster dropout, but masks that differ from
+    eager's. That generator cannot be replayed, so the planner keeps every draw backward needs
+    (dropout's 1-byte mask) and never recomputes one (``PlanConfig.recompute_random=False``);
+    backward still sees exactly forward's masks.
 
     Graph breaks: one budget covers the whole step. Dynamo compiles subgraphs in execution order,
     and the activations a subgraph keeps stay alive until its backward, which runs after the
@@ -272,6 +294,8 @@ def backend(
         compiler: ``"inductor"`` or ``"eager"``.
         on_plan: called with each Plan as it is made.
         config: a PlanConfig; or give its fields as keyword ``options``.
+        exact_rng: draw random numbers from torch's generator in eager's order (masks equal to
+            eager's), or, False, from inductor's own (needs ``compiler="inductor"``).
 
     Returns:
         A GraphCkptBackend: the callable ``(gm, example_inputs) -> compiled`` to pass as
@@ -294,9 +318,18 @@ def backend(
         )
     if on_plan is not None and not callable(on_plan):
         raise TypeError(f"on_plan must be callable, got {type(on_plan).__name__}")
+    if not isinstance(exact_rng, bool):
+        raise TypeError(f"exact_rng must be a bool, got {exact_rng!r}")
+    if not exact_rng and compiler != "inductor":
+        raise ValueError(
+            "exact_rng=False asks inductor to draw random numbers its own way; it needs "
+            f"compiler='inductor', got compiler={compiler!r}"
+        )
     cfg = PlanConfig.from_options(config, options)
+    if not exact_rng:
+        cfg = dataclasses.replace(cfg, recompute_random=False)
     if cfg.fused_pointwise is None:
         # Inductor fuses pointwise ops: the planner prices recomputing them inside backward's
         # kernels as nearly free and keeping them as a forward write (passes/cost.py).
         cfg = dataclasses.replace(cfg, fused_pointwise=compiler == "inductor")
-    return GraphCkptBackend(budget_bytes, compiler, cfg, on_plan)
+    return GraphCkptBackend(budget_bytes, compiler, cfg, on_plan, exact_rng)

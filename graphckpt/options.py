@@ -170,6 +170,10 @@ class PlanConfig:
     keeping its output costs a write in forward that fusion would have saved; the cost model
     prices both (``passes/cost.py``). None: automatic, True under ``graphckpt.backend`` with
     ``compiler="inductor"``, False for ``auto_checkpoint`` (eager fx graphs)."""
+    recompute_random: bool = True
+    """Whether backward may recompute random ops (dropout's draw), replaying the generator state
+    forward used. False where the compiler draws random numbers its own way, which no replay
+    reaches (``graphckpt.backend(exact_rng=False)``): every draw backward needs is then kept."""
     tp_group: Any = None
     """Process group of tensor-parallel ranks that hold identical activations. With one of more
     than one rank, the planner may keep only this rank's 1/world slice of a saved tensor and
@@ -181,7 +185,7 @@ class PlanConfig:
             raise TypeError(
                 f"PlanConfig.fused_pointwise must be a bool or None, got {self.fused_pointwise!r}"
             )
-        for name in ("allow_recompute", "check_plans"):
+        for name in ("allow_recompute", "check_plans", "recompute_random"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PlanConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.allow_offload is not None and not isinstance(self.allow_offload, bool):

@@ -63,7 +63,8 @@ def _cut(
             _INF if (sg.base[v] != v or v in tuples) else lam * _storage_bytes(sg, v) + _keep_s(sg, v)
         )
         g.add_edge(("in", v), ("out", v), capacity=keep_cost)
-        recompute_cost = _INF if must_keep(sg.nodes[v]) else sg.seconds[v] + 1e-12
+        pinned = must_keep(sg.nodes[v]) or v in sg.pinned
+        recompute_cost = _INF if pinned else sg.seconds[v] + 1e-12
         g.add_edge("s", ("in", v), capacity=recompute_cost)
         for a in sg.inputs[v]:
             if a not in inside:

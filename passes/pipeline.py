@@ -62,6 +62,8 @@ def planning_partitioner(
         offload = {by_name[v]: by_name[a] for v, a in plan.offloaded_nodes().items()}
         saved = [n for n in jg.forward if n.name in keep]
         partitioned = [by_name[v] for v in sorted(plan.partitioned_nodes())]
-        return rewrite_pass(jg, saved, offload, host, partitioned, parts)
+        return rewrite_pass(
+            jg, saved, offload, host, partitioned, parts, replay_random=config.recompute_random
+        )
 
     return partition

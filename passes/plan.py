@@ -130,7 +130,13 @@ def _solve_segments(
         fused_pointwise=bool(config.fused_pointwise),
         backward=jg.backward,
     )
-    sg = StepGraph.build(jg, costs, rng_state_bytes(spec.type), 512 if spec.type == "cuda" else 1)
+    sg = StepGraph.build(
+        jg,
+        costs,
+        rng_state_bytes(spec.type),
+        512 if spec.type == "cuda" else 1,
+        pin_random=not config.recompute_random,
+    )
     index = sg.index_of()
     segments = find_segments(jg.forward, config.layers)
     members = [[index[n] for n in s.nodes] for s in segments]

@@ -100,7 +100,9 @@ class _Search:
         for v in saved:
             if sg.kind[v] == FORWARD:
                 groups.setdefault(self.storage_of(v), set()).add(v)
-        fixed = {v for v in saved if v in self.offloaded or must_keep(sg.nodes[v])}
+        fixed = {
+            v for v in saved if v in self.offloaded or v in sg.pinned or must_keep(sg.nodes[v])
+        }
         return sorted(
             (g for g in _with_singles(groups.values()) if not g & fixed),
             key=lambda g: (-sum(sg.nbytes[b] for b in {sg.base[v] for v in g}), min(g)),

@@ -228,6 +228,8 @@ def rewrite_pass(
     offloader: GraphOffloader | None = None,
     partition: Collection[fx.Node] = (),
     partitioner: GraphPartitioner | None = None,
+    *,
+    replay_random: bool = True,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Build the forward and backward graph modules that keep exactly ``saved``.
 
@@ -241,9 +243,15 @@ def rewrite_pass(
         partition: kept tensors of which each rank keeps only a slice until backward
             (``passes/partition_rewrite.py``).
         partitioner: the object whose methods those nodes call (needed with ``partition``).
+        replay_random: recompute random ops by replaying their generator state. False when the
+            compiler draws its own random numbers (no replay possible): a ``saved`` set that
+            leaves a random op to recompute is then an error.
 
     Returns:
         ``(forward_gm, backward_gm)`` as AOTAutograd's ``partition_fn`` returns them.
+
+    Raises:
+        ValueError: with ``replay_random=False``, ``saved`` leaves a random op to recompute.
 
     Example:
         >>> # inside a partition function: fw, bw = rewrite_pass(jg, saved_nodes)
@@ -255,6 +263,11 @@ def rewrite_pass(
     states: list[fx.Node] = []
     for node in recompute:
         if is_random(node):
+            if not replay_random:
+                raise ValueError(
+                    f"rewrite_pass: the kept set leaves random op {node.name} to recompute, but "
+                    "replay_random=False (the compiler's generator cannot be replayed); keep it"
+                )
             target, args, kwargs = node.target, node.args, dict(node.kwargs)
             state, out = _save_rng_state(graph, node)
             replay[out] = (state, target, args, kwargs)

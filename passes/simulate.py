@@ -11,6 +11,7 @@ numbers out; no graph is touched.
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from passes.trace import JointGraph
 from passes.transfers import schedule_offloads, schedule_reloads
 
 __all__ = [
+    "INVALID_PEAK",
     "Simulation",
     "StepGraph",
     "first_backward_reads",
@@ -64,6 +66,9 @@ class StepGraph:
     """Resident through the step but in no node: inputs the graph dropped as unused."""
     keep_seconds: tuple[float, ...] = ()
     """Per node, seconds that keeping its output costs (``NodeCost.keep_seconds``; empty: 0)."""
+    pinned: frozenset[int] = frozenset()
+    """Nodes backward must never recompute (random ops the compiler cannot replay): a plan that
+    would is invalid, and simulates as never fitting (``INVALID_PEAK``)."""
 
     @classmethod
     def build(
@@ -72,11 +77,14 @@ class StepGraph:
         costs: dict[fx.Node, NodeCost],
         rng_state_bytes: int,
         block_bytes: int = 1,
+        *,
+        pin_random: bool = False,
     ) -> StepGraph:
         """Index ``jg``'s primals, forward, tangents and backward, with their costs.
 
         ``block_bytes`` rounds every allocation up the way the device allocator does (512 for
         CUDA's caching allocator; 1 on CPU, where the tracker counts exact storage bytes).
+        ``pin_random`` forbids recomputing random ops (``pinned``).
         """
         ordered = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
         index = {n: i for i, n in enumerate(ordered)}
@@ -120,6 +128,7 @@ class StepGraph:
             keep_seconds=tuple(c.keep_seconds for c in cost)
             if any(c.keep_seconds for c in cost)
             else (),
+            pinned=frozenset(i for i, c in enumerate(cost) if c.random) if pin_random else frozenset(),
         )
 
     def index_of(self) -> dict[fx.Node, int]:
@@ -261,6 +270,23 @@ def _reload_points(
     return born, anchor, plan.stall_seconds
 
 
+INVALID_PEAK = 1 << 62
+"""The peak an invalid plan simulates at (one that recomputes a pinned node): it fits no
+budget, so no search keeps it."""
+
+
+def _invalid(sg: StepGraph, saved: Collection[int], recomputed: list[int]) -> Simulation:
+    return Simulation(
+        peak_bytes=INVALID_PEAK,
+        forward_peak_bytes=INVALID_PEAK,
+        saved_bytes=sum(sg.nbytes[sg.base[v]] for v in saved),
+        recomputed=recomputed,
+        recompute_seconds=math.inf,
+        recompute_flops=sum(sg.flops[v] for v in recomputed),
+        timeline=[INVALID_PEAK],
+    )
+
+
 def simulate(
     sg: StepGraph,
     saved: Collection[int],
@@ -299,6 +325,8 @@ def simulate(
         raise ValueError("offloaded tensors need a host link: link_bytes_per_s must be > 0")
     fwd = _forward_needed(sg, saved)
     bwd, recomputed = _backward_schedule(sg, saved)
+    if sg.pinned and not sg.pinned.isdisjoint(recomputed):
+        return _invalid(sg, saved, recomputed)
     schedule = fwd + bwd
     kind = sg.kind
     reload_born, reload_anchor, reload_stall = (

@@ -106,6 +106,39 @@ def test_inductor_recomputes_and_matches_eager_grads(tiny_gpt) -> None:
     assert after == before
 
 
+def test_inductor_rng_keeps_every_draw_and_backward_sees_forward_masks(tiny_gpt) -> None:
+    """exact_rng=False: inductor draws its own random numbers, which no replay reaches, so the
+    plan keeps the draws; a tight plan and a keep-everything plan then give equal gradients from
+    one seed (their forwards draw the same masks, and each backward uses its forward's)."""
+    model, inputs = tiny_gpt
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as failed:
+        torch.compile(copy.deepcopy(model), backend=graphckpt.backend(1e-6, exact_rng=False))(
+            *inputs
+        )
+    least = failed.value.inner_exception.min_feasible_bytes
+    torch._dynamo.reset()
+    tight = graphckpt.backend(least * 1.02 / 2**30, exact_rng=False)
+    assert tight.config.recompute_random is False
+    loss, grads = _grads(copy.deepcopy(model), inputs, seed=5, backend=tight)
+    torch._dynamo.reset()
+    loose = graphckpt.backend(1.0, exact_rng=False)
+    ref_loss, ref_grads = _grads(copy.deepcopy(model), inputs, seed=5, backend=loose)
+    assert tight.plans[0].recompute_flops > 0
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+    # Its masks are inductor's, not eager's: the loss differs from the eager model's.
+    eager_loss, _ = _grads(copy.deepcopy(model), inputs, seed=5)
+    assert not torch.equal(loss, eager_loss)
+
+
+def test_inductor_rng_option_is_validated() -> None:
+    with pytest.raises(TypeError, match="exact_rng must be a bool"):
+        graphckpt.backend(1.0, exact_rng="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs compiler='inductor'"):
+        graphckpt.backend(1.0, compiler="eager", exact_rng=False)
+
+
 def test_inductor_keeps_dropout_draws_in_program_order() -> None:
     """A keep-all plan: inductor's peak-memory reordering used to move the split dropout draws
     (a fresh buffer each, filled by ``bernoulli_``), so masks and gradients differed from eager."""

@@ -49,6 +49,17 @@ def test_recomputed_dropout_replays_its_generator_state(tiny_gpt) -> None:
     assert any("run_with_rng_state" in t for t in random_nodes)
 
 
+def test_without_replay_a_recomputed_random_op_is_refused(tiny_gpt) -> None:
+    model, inputs = tiny_gpt
+
+    def partition(jg: JointGraph):
+        return rewrite_pass(jg, [], replay_random=False)
+
+    compiled = torch.compile(model, backend=joint_backend(partition), fullgraph=True)
+    with dynamo_settings(), pytest.raises(Exception, match="replay_random=False"):
+        compiled(*inputs).backward()
+
+
 def test_recomputed_batch_norm_matches_and_updates_stats_once() -> None:
     import graphckpt
 
