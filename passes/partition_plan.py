@@ -21,7 +21,7 @@ from graphckpt.options import DeviceSpec, PlanConfig
 from graphckpt.partition import group_rank_and_size, should_partition
 from graphckpt.plan import Plan
 from passes.meta import node_val
-from passes.plan import HEADROOM_BYTES, build_search, plan_pass
+from passes.plan import build_search, headroom_bytes, plan_pass
 from passes.simulate import FORWARD, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
 
@@ -162,7 +162,7 @@ def plan_with_partitions(
         looser = floor + (top - floor) * k // _NUM_RUNGS
         if looser > budget_bytes:
             plans.append(plan_pass(jg, looser, config, device))
-    room = budget_bytes - HEADROOM_BYTES
+    room = budget_bytes - headroom_bytes(budget_bytes, config)
     best: Plan | None = None
     for plan in plans:
         keep = plan.saved_nodes()

@@ -41,6 +41,24 @@ def test_budget_below_minimum_names_the_minimum(joint) -> None:
     assert info.value.min_feasible_bytes == wide.min_peak_bytes
 
 
+def test_compiled_plans_leave_a_share_of_the_budget_free(joint) -> None:
+    """Under inductor (fused_pointwise) the plan leaves COMPILED_HEADROOM_FRACTION of the
+    budget free, and the smallest feasible budget it states is exactly the one that plans."""
+    from passes.plan import COMPILED_HEADROOM_FRACTION, headroom_bytes, smallest_budget
+
+    cpu, fused = torch.device("cpu"), PlanConfig(fused_pointwise=True)
+    wide = plan_pass(joint(), 1 << 40, fused, cpu)
+    least = wide.min_peak_bytes
+    with pytest.raises(InfeasibleBudgetError) as info:
+        plan_pass(joint(), least - 1, fused, cpu)
+    assert info.value.min_feasible_bytes == least
+    tight = plan_pass(joint(), least, fused, cpu)
+    room = least - headroom_bytes(least, fused)
+    assert tight.predicted_peak_bytes <= room < least * (1 - COMPILED_HEADROOM_FRACTION)
+    assert smallest_budget(tight.predicted_peak_bytes, fused) <= least
+    assert smallest_budget(1000, PlanConfig()) == 1064
+
+
 def test_without_recompute_the_minimum_is_the_keep_all_peak(joint) -> None:
     p = plan_pass(joint(), 1 << 40, PlanConfig(allow_recompute=False), torch.device("cpu"))
     assert p.min_peak_bytes == p.max_peak_bytes
