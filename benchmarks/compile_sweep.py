@@ -11,6 +11,11 @@ bisection over the fraction to reach the same peak, timed interleaved in the sam
 ``--repeats`` rounds and ``--min-seconds`` per budget; the ratio is the median of the rounds'
 paired ratios, ``benchmarks.measure.paired_ratio``).
 
+graphckpt compiles with ``exact_rng=True`` (dropout masks equal eager's, which torch's
+variants do not reproduce: inductor draws its own). ``--inductor-rng`` compiles graphckpt with
+inductor's generator too, the like-for-like time comparison for models with dropout; its
+gradients are then checked against graphckpt's own keep-all variant.
+
 Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
 per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
 .reset()`` starts each model afresh.
@@ -18,7 +23,7 @@ per backend object on the model's code, hence the raised recompile limit); ``tor
 Run::
 
     python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
-        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--out benchmarks/results/compile_sweep.json]
+        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng] [--out benchmarks/results/compile_sweep.json]
 """
 
 from __future__ import annotations
@@ -156,9 +161,11 @@ def _budget_row(
     ref_grads: dict[str, torch.Tensor],
     *,
     bisect_steps: int,
+    exact_rng: bool = True,
 ) -> tuple[dict[str, Any], Variant, Variant | None]:
     """Compile and measure graphckpt at ``budget``, and tune torch to the same measured peak."""
-    v = compile_variant(f"graphckpt@{budget}", bench, graphckpt.backend(budget_gb=budget / 2**30))
+    be = graphckpt.backend(budget_gb=budget / 2**30, exact_rng=exact_rng)
+    v = compile_variant(f"graphckpt@{budget}", bench, be)
     measure_variant(v, bench, ref_grads, seed=SEED)
     t = curve.tune(v.peak_bytes, bisect_steps)
     row: dict[str, Any] = {
@@ -237,16 +244,25 @@ def sweep_model(
     min_seconds: float = 0.0,
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
+    exact_rng: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole compile sweep on one benchmark model; its JSON-ready result."""
+    """Run the whole compile sweep on one benchmark model; its JSON-ready result.
+
+    With ``exact_rng=False`` graphckpt compiles with ``graphckpt.backend(exact_rng=False)``:
+    inductor's own generator, as torch's variants use, so dropout masks are no longer eager's
+    and graphckpt's gradients are checked against its own keep-all variant (same seed, same
+    masks) instead of the eager model's.
+    """
     torch._dynamo.reset()
     tag = bench.name
     ref = compile_variant("eager", bench, None)
     measure_variant(ref, bench, None, seed=SEED)
     ref_grads = ref.grads
-    min_feasible = graphckpt_min_feasible(bench)
-    top = compile_variant("graphckpt@keep-all", bench, graphckpt.backend(budget_gb=HUGE_BUDGET_GB))
-    measure_variant(top, bench, ref_grads, seed=SEED)
+    min_feasible = graphckpt_min_feasible(bench, exact_rng=exact_rng)
+    top_backend = graphckpt.backend(budget_gb=HUGE_BUDGET_GB, exact_rng=exact_rng)
+    top = compile_variant("graphckpt@keep-all", bench, top_backend)
+    measure_variant(top, bench, ref_grads if exact_rng else None, seed=SEED)
+    ours_ref = ref_grads if exact_rng else top.grads
     _log(
         f"[{tag}] eager peak {ref.peak_bytes / _MIB:.2f} MiB; graphckpt smallest feasible "
         f"{min_feasible / _MIB:.2f} MiB, compiled keep-all peak {top.peak_bytes / _MIB:.2f} MiB"
@@ -255,11 +271,15 @@ def sweep_model(
     budgets = budget_points(min_feasible, max(top.peak_bytes, min_feasible), n_budgets)
     # Compile and measure everything first, then time: compiling leaves background work (and
     # the profiler a slow first call) that would land in the timings.
-    made = [_budget_row(bench, b, curve, ref_grads, bisect_steps=bisect_steps) for b in budgets]
+    made = [
+        _budget_row(bench, b, curve, ours_ref, bisect_steps=bisect_steps, exact_rng=exact_rng)
+        for b in budgets
+    ]
     for row, v, t in made:
         _time_row(row, v, t, repeats=repeats, min_seconds=min_seconds, tag=tag)
     rows = [row for row, _, _ in made]
     return {
+        "exact_rng": exact_rng,
         "eager_peak_bytes": ref.peak_bytes,
         "graphckpt_min_feasible_bytes": min_feasible,
         "graphckpt_keep_all_peak_bytes": top.peak_bytes,
@@ -278,6 +298,7 @@ def sweep(
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
     out: Path | None = None,
+    exact_rng: bool = True,
 ) -> dict[str, Any]:
     """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result.
 
@@ -296,6 +317,7 @@ def sweep(
                 min_seconds=min_seconds,
                 bisect_steps=bisect_steps,
                 fractions=fractions,
+                exact_rng=exact_rng,
             )
             result["machine"]["loadavg_at_end"] = (
                 list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -346,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="time each budget for at least this long (more rounds than --repeats if needed)",
     )
     parser.add_argument("--bisect-steps", type=int, default=2)
+    parser.add_argument(
+        "--inductor-rng",
+        action="store_true",
+        help="compile graphckpt with exact_rng=False (inductor's generator, like torch's variants)",
+    )
     parser.add_argument("--out", default="benchmarks/results/compile_sweep.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -356,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         min_seconds=args.min_seconds,
         bisect_steps=args.bisect_steps,
         out=out,
+        exact_rng=not args.inductor_rng,
     )
     print(summary_table(result))
     print()

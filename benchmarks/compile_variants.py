@@ -139,13 +139,14 @@ def _find_infeasible(e: BaseException | None) -> InfeasibleBudgetError | None:
     return None
 
 
-def graphckpt_min_feasible(bench: BenchModel) -> int:
+def graphckpt_min_feasible(bench: BenchModel, *, exact_rng: bool = True) -> int:
     """The smallest budget (bytes) graphckpt's compile backend can plan ``bench`` under.
 
     Compiles with a one-byte budget and reads the ``InfeasibleBudgetError`` Dynamo wraps.
     """
     try:
-        compile_variant("graphckpt@1B", bench, graphckpt.backend(budget_gb=2.0**-30))
+        be = graphckpt.backend(budget_gb=2.0**-30, exact_rng=exact_rng)
+        compile_variant("graphckpt@1B", bench, be)
     except Exception as e:
         err = _find_infeasible(e)
         if err is None:
