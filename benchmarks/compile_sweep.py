@@ -23,7 +23,8 @@ per backend object on the model's code, hence the raised recompile limit); ``tor
 Run::
 
     python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
-        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng] [--out benchmarks/results/compile_sweep.json]
+        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng] \
+        [--out benchmarks/results/compile_sweep.json]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from benchmarks.compile_variants import (
     measure_variant,
     torch_inductor_backend,
 )
-from benchmarks.measure import paired_ratio, time_step_samples
+from benchmarks.measure import add_min_seconds_argument, paired_ratio, time_step_samples
 from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
 from benchmarks.planner_sweep import budget_points, machine_info
 
@@ -205,9 +206,7 @@ def _time_row(
     row["time_s"] = times["graphckpt"]
     row["torch_time_s"] = times.get("torch")
     row["timed_rounds"] = len(samples["graphckpt"])
-    row["time_ratio"] = (
-        None if t is None else paired_ratio(samples["graphckpt"], samples["torch"])
-    )
+    row["time_ratio"] = None if t is None else paired_ratio(samples["graphckpt"], samples["torch"])
     ratio = "" if t is None else f", torch {times['torch'] * 1e3:.1f} ms: {row['time_ratio']:.3f}"
     _log(
         f"[{tag}] budget {row['budget_bytes'] / _MIB:.2f} MiB: graphckpt "
@@ -361,12 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODEL_NAMES))
     parser.add_argument("--budgets", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--min-seconds",
-        type=float,
-        default=10.0,
-        help="time each budget for at least this long (more rounds than --repeats if needed)",
-    )
+    add_min_seconds_argument(parser)
     parser.add_argument("--bisect-steps", type=int, default=2)
     parser.add_argument(
         "--inductor-rng",

@@ -6,6 +6,7 @@ so that their numbers compare.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import statistics
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphckpt.flops import count_flops
 from graphckpt.allocator import garbage_collection_paused
+from graphckpt.flops import count_flops
 from graphckpt.memory import MeasureMethod, resident_bytes, step_peak_bytes
 
 __all__ = [
@@ -166,6 +167,24 @@ def time_step_samples(
                 round_seconds = sum(samples[name][-1] for name in names) or 1e-9
             i += 1
     return samples
+
+
+def add_min_seconds_argument(parser: argparse.ArgumentParser, default: float = 10.0) -> None:
+    """Add ``--min-seconds``, the shortest time each comparison is timed for
+    (``time_step_samples``'s ``min_seconds``), to a benchmark's command line.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_min_seconds_argument(p)
+        >>> p.parse_args([]).min_seconds
+        10.0
+    """
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=default,
+        help="time each budget for at least this long (more rounds than --repeats if needed)",
+    )
 
 
 def time_steps(

@@ -18,7 +18,8 @@ to sweep them all in this one).
 Run::
 
     python -m benchmarks.planner_sweep [--models gpt unet hf-gpt2] [--budgets 8] \
-        [--repeats 9] [--min-seconds 10] [--in-process] [--out benchmarks/results/planner_sweep.json]
+        [--repeats 9] [--min-seconds 10] [--in-process] \
+        [--out benchmarks/results/planner_sweep.json]
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from tabulate import tabulate
 
 import graphckpt
 from benchmarks.baselines import checkpoint_first_k
-from benchmarks.measure import grads_equal, measure_step, paired_ratio, time_step_samples
+from benchmarks.measure import (
+    add_min_seconds_argument,
+    grads_equal,
+    measure_step,
+    paired_ratio,
+    time_step_samples,
+)
 from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
 from graphckpt.memory import MeasureMethod
 
@@ -208,9 +215,7 @@ def sweep_model(
         if best is not None:
             best_model = checkpoint_first_k(bench, best["k"])
             candidates["best_k"] = _step_fn(best_model, inputs)
-        samples = time_step_samples(
-            candidates, repeats=repeats, warmup=1, min_seconds=min_seconds
-        )
+        samples = time_step_samples(candidates, repeats=repeats, warmup=1, min_seconds=min_seconds)
         row["timed_rounds"] = len(samples["graphckpt"])
         times = {name: statistics.median(s) for name, s in samples.items()}
         row["time_s"] = times["graphckpt"]
@@ -342,12 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=list(BENCH_MODEL_NAMES))
     parser.add_argument("--budgets", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument(
-        "--min-seconds",
-        type=float,
-        default=10.0,
-        help="time each budget for at least this long (more rounds than --repeats if needed)",
-    )
+    add_min_seconds_argument(parser)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", default="benchmarks/results/planner_sweep.json")
     parser.add_argument(

@@ -105,9 +105,10 @@ def cpu_allocator_peak(step: Callable[[], Any]) -> AllocatorPeak:
             "cpu_allocator_peak runs torch.profiler, but a profiler is already running; "
             "measure outside of it"
         )
-    with garbage_collection_paused(), profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        garbage_collection_paused(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         step()
     current = peak = 0
     deltas = _memory_deltas(prof)

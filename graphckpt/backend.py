@@ -202,13 +202,12 @@ class GraphCkptBackend:
         no-op removal, pattern rewrites, constant folding), so the planner plans the graph
         inductor compiles. Nodes the passes add are tagged forward when a forward output
         depends on them, backward otherwise."""
+        from torch._guards import detect_fake_mode
         from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+        from torch._inductor.virtualized import V
 
         from passes.meta import PARTITIONER_TAG
         from passes.trace import JointGraph
-
-        from torch._guards import detect_fake_mode
-        from torch._inductor.virtualized import V
 
         fake_mode = detect_fake_mode([n.meta.get("val") for n in jg.primals])
         with _inductor_settings(self.exact_rng), V.set_fake_mode(fake_mode):
@@ -221,7 +220,9 @@ class GraphCkptBackend:
             if node not in needed:
                 needed.add(node)
                 stack.extend(node.all_input_nodes)
-        untagged = [n for n in gm.graph.nodes if n.op == "call_function" and PARTITIONER_TAG not in n.meta]
+        untagged = [
+            n for n in gm.graph.nodes if n.op == "call_function" and PARTITIONER_TAG not in n.meta
+        ]
         for node in untagged:
             node.meta[PARTITIONER_TAG] = "is_forward" if node in needed else "is_backward"
         if untagged:

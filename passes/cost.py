@@ -140,9 +140,7 @@ def _fused_costs(
     write = tensor_bytes(node_val(node)) / device.bytes_per_s
     readers = _readers(node)
     recompute = write if any(u in backward and not fusible(u) for u in readers) else 0.0
-    materialized = any(
-        u not in backward and u.op != "output" and not fusible(u) for u in readers
-    )
+    materialized = any(u not in backward and u.op != "output" and not fusible(u) for u in readers)
     return recompute, 0.0 if materialized else write
 
 

@@ -59,9 +59,8 @@ def _cut(
     g.add_node("t")
     for v in members:
         # Keeping a view keeps its base: views and tuples are recomputed (free), never kept.
-        keep_cost = (
-            _INF if (sg.base[v] != v or v in tuples) else lam * _storage_bytes(sg, v) + _keep_s(sg, v)
-        )
+        keepable = sg.base[v] == v and v not in tuples
+        keep_cost = lam * _storage_bytes(sg, v) + _keep_s(sg, v) if keepable else _INF
         g.add_edge(("in", v), ("out", v), capacity=keep_cost)
         pinned = must_keep(sg.nodes[v]) or v in sg.pinned
         recompute_cost = _INF if pinned else sg.seconds[v] + 1e-12

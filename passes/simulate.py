@@ -128,7 +128,7 @@ class StepGraph:
             keep_seconds=tuple(c.keep_seconds for c in cost)
             if any(c.keep_seconds for c in cost)
             else (),
-            pinned=frozenset(i for i, c in enumerate(cost) if c.random) if pin_random else frozenset(),
+            pinned=frozenset(i for i, c in enumerate(cost) if c.random and pin_random),
         )
 
     def index_of(self) -> dict[fx.Node, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import _extract_fwd_bwd_outputs
 from torch.utils._pytree import tree_leaves
 
+from graphckpt.allocator import garbage_collection_paused
 from graphckpt.errors import TraceError
 from passes.meta import is_backward, is_forward
 
@@ -205,8 +205,7 @@ def dynamo_settings() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def _gc_paused() -> contextlib.AbstractContextManager[None]:
     """Pause Python's cyclic garbage collector while a graph is traced and planned.
 
     Tracing allocates millions of objects that live until the trace ends, so each automatic
@@ -215,13 +214,7 @@ def _gc_paused() -> Iterator[None]:
     ``benchmarks/planner_speed.py`` the collector's CPU time over trace and plan went from about
     1.5 s to 1.2 s (of 12-15 s); most of it is the scan of the survivors, now done afterwards.
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    return garbage_collection_paused()
 
 
 def describe_trace_failure(model: torch.nn.Module, error: BaseException) -> TraceError:
