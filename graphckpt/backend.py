@@ -170,8 +170,6 @@ class GraphCkptBackend:
     def _partition(self, jg: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from passes.pipeline import planning_partitioner
 
-        if self.compiler == "inductor":
-            jg = self._joint_graph_passes(jg)
         held = self.live_kept_bytes()
         made: list[Plan] = []
         partition = planning_partitioner(
@@ -196,38 +194,6 @@ class GraphCkptBackend:
         if self._on_plan is not None:
             self._on_plan(subgraph.plan)
         return fw, bw
-
-    def _joint_graph_passes(self, jg: Any) -> Any:
-        """Run inductor's joint-graph passes (what ``compile_fx`` runs before partitioning:
-        no-op removal, pattern rewrites, constant folding), so the planner plans the graph
-        inductor compiles. Nodes the passes add are tagged forward when a forward output
-        depends on them, backward otherwise."""
-        from torch._guards import detect_fake_mode
-        from torch._inductor.fx_passes.joint_graph import joint_graph_passes
-        from torch._inductor.virtualized import V
-
-        from passes.meta import PARTITIONER_TAG
-        from passes.trace import JointGraph
-
-        fake_mode = detect_fake_mode([n.meta.get("val") for n in jg.primals])
-        with _inductor_settings(self.exact_rng), V.set_fake_mode(fake_mode):
-            gm = joint_graph_passes(jg.gm, self._device)
-        fresh = JointGraph(gm, jg.num_fwd_outputs, jg.partition_kwargs, jg.index, jg.untraced_bytes)
-        needed: set[fx.Node] = set()
-        stack = list(fresh.fwd_outputs)
-        while stack:
-            node = stack.pop()
-            if node not in needed:
-                needed.add(node)
-                stack.extend(node.all_input_nodes)
-        untagged = [
-            n for n in gm.graph.nodes if n.op == "call_function" and PARTITIONER_TAG not in n.meta
-        ]
-        for node in untagged:
-            node.meta[PARTITIONER_TAG] = "is_forward" if node in needed else "is_backward"
-        if untagged:
-            fresh.refresh()
-        return fresh
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         role, position = gm.meta.get(_SUBGRAPH_KEY, ("inference", None))
