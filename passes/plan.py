@@ -379,18 +379,24 @@ MILP_MAX_NODES = 400
 
 
 def _plan_milp(
-    search: PlanSearch, jg: JointGraph, budget_bytes: int, spec: DeviceSpec, start: float
+    search: PlanSearch,
+    jg: JointGraph,
+    budget_bytes: int,
+    config: PlanConfig,
+    spec: DeviceSpec,
+    start: float,
 ) -> Plan:
-    """The exact MILP's plan (``passes/milp.py``), described like the search's."""
+    """The exact MILP's plan (``passes/milp.py``), described like the search's, leaving the
+    same headroom free (:func:`headroom_bytes`)."""
     sg = search.sg
     if len(sg.nodes) > MILP_MAX_NODES:
         raise ValueError(
             f"PlanConfig(solver='milp') is for small graphs: this joint graph has {len(sg.nodes)} "
             f"nodes, more than {MILP_MAX_NODES}; use solver='search'"
         )
-    least = milp_min_peak(sg).peak_bytes + HEADROOM_BYTES
+    least = smallest_budget(milp_min_peak(sg).peak_bytes, config)
     try:
-        found = solve_milp(sg, budget_bytes - HEADROOM_BYTES)
+        found = solve_milp(sg, budget_bytes - headroom_bytes(budget_bytes, config))
     except InfeasibleBudgetError as e:
         raise InfeasibleBudgetError(
             f"budget {budget_bytes / _MIB:.3f} MiB is below the smallest feasible peak "
@@ -401,7 +407,7 @@ def _plan_milp(
     most = search.run(greedy_sequence(search)[0])
     sim = simulate(sg, found.saved)
     bounds = (budget_bytes, least, most)
-    return _to_plan(search, jg, found.saved, set(), sim, bounds, spec, start, PlanConfig())
+    return _to_plan(search, jg, found.saved, set(), sim, bounds, spec, start, config)
 
 
 def plan_pass(
@@ -437,7 +443,7 @@ def plan_pass(
         measure_scratch = device.type == "cpu" and spec.type == "cpu"
     search = build_search(jg, config, spec, measure_scratch=measure_scratch)
     if config.solver == "milp":
-        return _plan_milp(search, jg, budget_bytes, spec, start)
+        return _plan_milp(search, jg, budget_bytes, config, spec, start)
     states = greedy_sequence(search)
     most = search.run(states[0])
     room = budget_bytes - headroom_bytes(budget_bytes, config)

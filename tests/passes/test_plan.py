@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import PlanConfig
@@ -57,6 +58,23 @@ def test_compiled_plans_leave_a_share_of_the_budget_free(joint) -> None:
     assert tight.predicted_peak_bytes <= room < least * (1 - COMPILED_HEADROOM_FRACTION)
     assert smallest_budget(tight.predicted_peak_bytes, fused) <= least
     assert smallest_budget(1000, PlanConfig()) == 1064
+
+
+def test_the_exact_solver_leaves_the_compiled_share_free_too() -> None:
+    from passes.plan import headroom_bytes
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)
+    )
+    graph = lambda: capture_joint_graphs(mlp, (torch.randn(16, 32),))[0]  # noqa: E731
+    cpu, milp = torch.device("cpu"), PlanConfig(fused_pointwise=True, solver="milp")
+    least = plan_pass(graph(), 1 << 40, milp, cpu).min_peak_bytes
+    exact = plan_pass(graph(), least, milp, cpu)
+    assert exact.predicted_peak_bytes <= least - headroom_bytes(least, milp)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        plan_pass(graph(), least - 1, milp, cpu)
+    assert info.value.min_feasible_bytes == least
 
 
 def test_without_recompute_the_minimum_is_the_keep_all_peak(joint) -> None:
