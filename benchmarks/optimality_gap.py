@@ -31,8 +31,9 @@ from benchmarks.planner_sweep import budget_points, machine_info
 from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.examples import gpt_example
 from graphckpt.options import PlanConfig
+from passes.headroom import HEADROOM_BYTES
 from passes.milp import milp_min_peak, solve_milp
-from passes.plan import HEADROOM_BYTES, build_search, plan_pass
+from passes.plan import build_search, plan_pass
 from passes.simulate import StepGraph
 from passes.trace import JointGraph, capture_joint_graphs
 

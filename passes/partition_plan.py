@@ -20,8 +20,9 @@ from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import DeviceSpec, PlanConfig
 from graphckpt.partition import group_rank_and_size, should_partition
 from graphckpt.plan import Plan
+from passes.headroom import headroom_bytes
 from passes.meta import node_val
-from passes.plan import build_search, headroom_bytes, plan_pass
+from passes.plan import build_search, plan_pass
 from passes.simulate import FORWARD, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
 

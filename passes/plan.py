@@ -11,7 +11,6 @@ fits, and gives the smallest feasible peak. Returns a Plan; mutates nothing.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import DeviceSpec, PlanConfig
 from graphckpt.plan import LayerPlan, Plan, TensorDecision
 from passes.cost import estimate_costs
+from passes.headroom import headroom_bytes, smallest_budget
 from passes.layers import Segment, find_segments
 from passes.milp import milp_min_peak, solve_milp
 from passes.mincut import Policy, segment_policies
@@ -29,55 +29,9 @@ from passes.refine import Refined, lowest_peak, refine
 from passes.simulate import FORWARD, Simulation, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
 
-__all__ = [
-    "COMPILED_HEADROOM_FRACTION",
-    "HEADROOM_BYTES",
-    "MILP_MAX_NODES",
-    "PlanSearch",
-    "headroom_bytes",
-    "plan_pass",
-    "rng_state_bytes",
-    "smallest_budget",
-]
+__all__ = ["MILP_MAX_NODES", "PlanSearch", "plan_pass", "rng_state_bytes"]
 
 _MIB = float(1 << 20)
-HEADROOM_BYTES = 64
-"""Left under the budget for allocations the simulator does not model (4 bytes of scalar
-bookkeeping were measured on every model tried)."""
-
-
-COMPILED_HEADROOM_FRACTION = 0.02
-"""Share of the budget also left unplanned when inductor compiles the rewritten graphs
-(``PlanConfig.fused_pointwise``): its generated code allocates and frees buffers in its own
-order, which the simulator does not follow. Measured on the benchmark GPT at its tightest plan:
-0.28 MiB (0.9%) over the prediction of 31.44 MiB; 1.0 MiB (3.3%) before the fused costs."""
-
-
-def headroom_bytes(budget_bytes: int, config: PlanConfig) -> int:
-    """Bytes of ``budget_bytes`` the planner leaves free: ``HEADROOM_BYTES``, plus
-    ``COMPILED_HEADROOM_FRACTION`` of the budget when inductor compiles the graphs.
-
-    Example:
-        >>> headroom_bytes(1 << 20, PlanConfig())
-        64
-    """
-    extra = math.ceil(COMPILED_HEADROOM_FRACTION * budget_bytes) if config.fused_pointwise else 0
-    return HEADROOM_BYTES + extra
-
-
-def smallest_budget(peak_bytes: int, config: PlanConfig) -> int:
-    """The smallest budget whose room (budget less :func:`headroom_bytes`) holds ``peak_bytes``.
-
-    Example:
-        >>> smallest_budget(1000, PlanConfig())
-        1064
-    """
-    budget = peak_bytes + HEADROOM_BYTES
-    if config.fused_pointwise:
-        budget = math.ceil(budget / (1 - COMPILED_HEADROOM_FRACTION))
-    while budget - headroom_bytes(budget, config) < peak_bytes:
-        budget += 1
-    return budget
 
 
 def rng_state_bytes(device_type: str) -> int:

@@ -51,7 +51,8 @@ from benchmarks.measure import grads_equal, measure_step
 from graphckpt.memory import MeasureMethod, step_peak_bytes
 from graphckpt.options import PlanConfig
 from passes.decompose import split_dropout
-from passes.plan import HEADROOM_BYTES, plan_pass
+from passes.headroom import HEADROOM_BYTES
+from passes.plan import plan_pass
 from passes.trace import capture_joint_graphs
 from tests.fuzz_models import FuzzModel, ModelSpec, Op, SumOutputs, model_specs
 

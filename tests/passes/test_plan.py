@@ -45,7 +45,7 @@ def test_budget_below_minimum_names_the_minimum(joint) -> None:
 def test_compiled_plans_leave_a_share_of_the_budget_free(joint) -> None:
     """Under inductor (fused_pointwise) the plan leaves COMPILED_HEADROOM_FRACTION of the
     budget free, and the smallest feasible budget it states is exactly the one that plans."""
-    from passes.plan import COMPILED_HEADROOM_FRACTION, headroom_bytes, smallest_budget
+    from passes.headroom import COMPILED_HEADROOM_FRACTION, headroom_bytes, smallest_budget
 
     cpu, fused = torch.device("cpu"), PlanConfig(fused_pointwise=True)
     wide = plan_pass(joint(), 1 << 40, fused, cpu)
@@ -61,7 +61,7 @@ def test_compiled_plans_leave_a_share_of_the_budget_free(joint) -> None:
 
 
 def test_the_exact_solver_leaves_the_compiled_share_free_too() -> None:
-    from passes.plan import headroom_bytes
+    from passes.headroom import headroom_bytes
 
     torch.manual_seed(0)
     mlp = nn.Sequential(

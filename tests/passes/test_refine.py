@@ -10,8 +10,9 @@ from benchmarks.optimality_gap import GRAPHS
 from benchmarks.planner_sweep import budget_points
 from graphckpt.errors import InfeasibleBudgetError
 from graphckpt.options import PlanConfig
+from passes.headroom import HEADROOM_BYTES
 from passes.milp import milp_min_peak, solve_milp
-from passes.plan import HEADROOM_BYTES, PlanSearch, build_search, greedy_sequence, plan_pass
+from passes.plan import PlanSearch, build_search, greedy_sequence, plan_pass
 from passes.refine import lowest_peak, refine
 from passes.trace import JointGraph, capture_joint_graphs
 
