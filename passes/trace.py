@@ -174,7 +174,11 @@ def joint_backend(
             index = next(counter)
             return partitioner(JointGraph(joint, num_fwd_outputs, kwargs, index, outside))
 
-        with _gc_paused():
+        # The collector is paused while a graph is traced and planned: tracing allocates
+        # millions of objects that live until the trace ends, so each automatic collection
+        # rescans them and frees little (48-layer GPT-2-XL shape, benchmarks/planner_speed.py:
+        # collector CPU time 1.5 s -> 1.2 s of 12-15 s). It runs again once the trace is over.
+        with garbage_collection_paused():
             return aot_module_simplified(
                 gm,
                 example_inputs,
@@ -203,18 +207,6 @@ def dynamo_settings() -> Iterator[None]:
         torch._inductor.config.patch(fallback_random=True),
     ):
         yield
-
-
-def _gc_paused() -> contextlib.AbstractContextManager[None]:
-    """Pause Python's cyclic garbage collector while a graph is traced and planned.
-
-    Tracing allocates millions of objects that live until the trace ends, so each automatic
-    collection rescans them and finds little to free. Nothing is lost: the collector runs again
-    once the trace is over. On the 48-layer GPT-2-XL-shaped model of
-    ``benchmarks/planner_speed.py`` the collector's CPU time over trace and plan went from about
-    1.5 s to 1.2 s (of 12-15 s); most of it is the scan of the survivors, now done afterwards.
-    """
-    return garbage_collection_paused()
 
 
 def describe_trace_failure(model: torch.nn.Module, error: BaseException) -> TraceError:
@@ -305,7 +297,7 @@ def capture_joint_graphs(
     # would scan every object the trace allocated, and this compile is thrown away at once.
     no_gc_after = torch._dynamo.config.patch(run_gc_after_compile=False)
     try:
-        with dynamo_settings(), no_gc_after, _gc_paused():
+        with dynamo_settings(), no_gc_after, garbage_collection_paused():
             compiled(*args, **kwargs)
     except Exception as e:  # Dynamo raises many types; all but ours mean "not capturable"
         if not captured:
