@@ -37,9 +37,10 @@ def _dotted(path: str) -> str:
     return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
 
 
-# Dynamo names the traced root ``L['self']`` (a compiled module) or ``L['fn'].args[0]`` (a
-# compiled function called with the module, as auto_checkpoint does).
-_ROOT = re.compile(r"^L\.(?:self|fn\.args\.\d+)(?:\.|$)")
+# Dynamo names the traced root ``L['self']`` (a compiled module), ``L['fn'].args[0]`` (a
+# compiled partial function bound to the module, as auto_checkpoint's) or ``L['model']`` (a
+# function given it as its ``model`` argument, as graphckpt.plan's capture).
+_ROOT = re.compile(r"^L\.(?:self|model|fn\.args\.\d+)(?:\.|$)")
 
 
 def _relative(dotted: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,23 +290,42 @@ def capture_joint_graphs(
     # not keep the model and its inputs alive with it.
     call: list[Any] = [*model.parameters(), *model.buffers(), *tree_leaves((args, kwargs))]
     backend = joint_backend(record, resident=lambda: list(call))
-    compiled = torch.compile(
-        functools.partial(_call_module, model), backend=backend, fullgraph=True
-    )
+    call_model = _call_of_its_own()
+    compiled = torch.compile(call_model, backend=backend, fullgraph=True)
     # Dynamo's own collection at the end of a compile is skipped: with the collector paused it
     # would scan every object the trace allocated, and this compile is thrown away at once.
     no_gc_after = torch._dynamo.config.patch(run_gc_after_compile=False)
     try:
         with dynamo_settings(), no_gc_after, garbage_collection_paused():
-            compiled(*args, **kwargs)
+            compiled(model, *args, **kwargs)
     except Exception as e:  # Dynamo raises many types; all but ours mean "not capturable"
         if not captured:
             raise describe_trace_failure(model, e) from e
     finally:
         call.clear()
-        torch._dynamo.reset()
+        # Only this capture's compiled code goes: torch._dynamo.reset() would drop every
+        # compiled function in the process, so each planned model (auto_checkpoint's, the
+        # backend's) would plan again on its next call, on this rank alone in a
+        # tensor-parallel job, where the others would not join its plan check.
+        torch._C._dynamo.eval_frame.reset_code(call_model.__code__)
     return captured
 
 
 def _call_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
+
+
+def _call_of_its_own() -> Callable[..., Any]:
+    """``_call_module`` with a code object no other function shares.
+
+    Dynamo keeps compiled code and its guards per code object, so a capture's can then be
+    dropped (``reset_code``) leaving every other compiled function's in place. The model stays
+    an argument, so its submodules' names in the graph read as in ``_call_module``'s.
+
+    Example:
+        >>> a, b = _call_of_its_own(), _call_of_its_own()
+        >>> a.__code__ is b.__code__, a(torch.nn.Identity(), 3)
+        (False, 3)
+    """
+    code = _call_module.__code__.replace()  # a copy, not the shared original
+    return types.FunctionType(code, _call_module.__globals__, _call_module.__name__)

@@ -34,4 +34,4 @@ def test_same_graph_reports_a_difference() -> None:
 def test_copies_carry_their_own_layer_path() -> None:
     built = synthesize(learn_period(joint(*gpt(2)), joint(*gpt(3))), 6)
     paths = {p for n in built.forward for p, _c in (n.meta.get("nn_module_stack") or {}).values()}
-    assert {f"L['fn'].args[0].blocks.{i}" for i in range(6)} <= paths
+    assert {f"L['model'].blocks.{i}" for i in range(6)} <= paths

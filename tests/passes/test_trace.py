@@ -3,6 +3,7 @@ the resident inputs the graph drops."""
 
 from __future__ import annotations
 
+import doctest
 import gc
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import default_partition
 
+import passes.trace
 from passes.trace import (
     JointGraph,
     capture_joint_graphs,
@@ -75,3 +77,38 @@ def test_capture_records_the_unused_input() -> None:
     assert jg.untraced_bytes == y.untyped_storage().nbytes() == 48
     (jg,) = capture_joint_graphs(FirstOnly(), (x, x))
     assert jg.untraced_bytes == 0
+
+
+def test_capture_leaves_other_compiled_functions_and_plans_in_place() -> None:
+    """Planning a model (graphckpt.plan captures its graph) recompiles nothing else: not a
+    user's compiled function, and not an auto_checkpoint model, whose next call would plan
+    again (in a tensor-parallel job, a plan check on the ranks that planned alone)."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    import graphckpt
+    from graphckpt.examples import gpt_example
+
+    model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+    wide = graphckpt.plan(model, inputs, 1.0)
+    budget = (wide.min_peak_bytes + wide.max_peak_bytes) / 2 / 2**30
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), budget, example_inputs=inputs)
+    assert not ckpt.runs_original and len(ckpt.plans) == 1
+    counter = CompileCounter()
+    sine = torch.compile(torch.sin, backend=counter)
+    try:
+        sine(torch.randn(3))
+        graphckpt.plan(model, inputs, budget)
+        capture_joint_graphs(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+        sine(torch.randn(3))
+        ckpt(*inputs).backward()
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    assert len(ckpt.plans) == 1
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(passes.trace)
+    assert result.attempted > 0 and result.failed == 0
