@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +28,8 @@ def _free_port() -> int:
 def _entry(
     rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...], barrier_at_end: bool
 ) -> None:
+    # When the other rank fails, this one is terminated: print where it was, for the report.
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
     torch.set_num_threads(1)  # two processes share the CI machine's cores
     dist.init_process_group(
         "gloo",
@@ -56,8 +61,22 @@ def run_two_ranks(body: Callable[..., None], *args: Any, barrier_at_end: bool = 
         start_method="spawn",
     )
     deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=0.1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"two-rank test did not finish within {TIMEOUT_S:.0f} s")
+    try:
+        while not context.join(timeout=0.1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"two-rank test did not finish within {TIMEOUT_S:.0f} s")
+    except mp.ProcessRaisedException as e:
+        failure: mp.ProcessRaisedException | None = e
+    else:
+        failure = None
+    if failure is not None:
+        # The failing rank's error first and its traceback's end, not pytest's long report of
+        # the parent (CI logs cut long reports). The other rank's stack when it was stopped is
+        # in the captured stderr.
+        lines = str(failure).strip().splitlines()
+        pytest.fail(
+            f"rank {failure.error_index} failed: {lines[-1]}\n" + "\n".join(lines[-40:]),
+            pytrace=False,
+        )
