@@ -87,7 +87,7 @@ class CheckpointedModule(nn.Module):
 
     def _make_compiled(self) -> Any:
         from passes.pipeline import planning_partitioner
-        from passes.trace import joint_backend
+        from passes.trace import function_of_its_own, joint_backend
 
         model = self.wrapped
         device = _model_device(model, ())
@@ -95,8 +95,9 @@ class CheckpointedModule(nn.Module):
             self.budget_bytes, self.config, device, self.plans.append, self.offloader
         )
 
-        # Dynamo's cache (on _call's code, shared by every wrapper) keeps the backend alive, so
-        # the backend must not keep this wrapper or its model alive: a weak reference.
+        # Dynamo's cache lives in the code object, out of the garbage collector's sight, and keeps
+        # the backend alive: the backend must not keep this wrapper or its model alive (a weak
+        # reference), or neither would ever be freed.
         me = weakref.ref(self)
 
         def resident() -> list[Any]:
@@ -106,12 +107,17 @@ class CheckpointedModule(nn.Module):
             inner = owner.wrapped
             return [*inner.parameters(), *inner.buffers(), *owner._call_inputs]
 
-        return torch.compile(
-            functools.partial(_call, model),
+        # A function of this wrapper's own, given the model as an argument: Dynamo's compiled
+        # code for it goes when the wrapper goes, where on a code object shared by every
+        # wrapper it would stay until the process ends (or hits the limit of compiles per code).
+        call = function_of_its_own(_call)
+        compiled = torch.compile(
+            call,
             backend=joint_backend(partitioner, resident=resident),
             fullgraph=True,
             dynamic=False,
         )
+        return functools.partial(compiled, model)
 
     @property
     def plan(self) -> Plan | None:

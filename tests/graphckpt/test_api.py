@@ -155,3 +155,20 @@ def test_a_dropped_wrapper_frees_its_model() -> None:
     del ckpt, model
     gc.collect()
     assert weight() is None
+
+
+def test_models_planned_one_after_another_do_not_pile_up_compiled_code() -> None:
+    """Regression: every wrapper compiled the same code object, so Dynamo kept each dropped
+    wrapper's compiled graphs, and a process that planned 256 models stopped at Dynamo's limit
+    of compiles per code object (here lowered to 3)."""
+    import gc
+
+    from graphckpt.examples import gpt_example
+
+    with torch._dynamo.config.patch(accumulated_recompile_limit=3):
+        for _ in range(5):
+            model, inputs = gpt_example(batch=2, seq=8, n_layer=1, n_embd=16, n_head=2)
+            ckpt = graphckpt.auto_checkpoint(model, budget_gb=1.0, example_inputs=inputs)
+            ckpt(*inputs).backward()
+            del ckpt, model
+            gc.collect()
