@@ -52,10 +52,6 @@ def _model_device(model: nn.Module, inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return model(*args, **kwargs)
-
-
 class CheckpointedModule(nn.Module):
     """``model`` with its training step planned and rewritten to fit a budget.
 
@@ -87,7 +83,7 @@ class CheckpointedModule(nn.Module):
 
     def _make_compiled(self) -> Any:
         from passes.pipeline import planning_partitioner
-        from passes.trace import function_of_its_own, joint_backend
+        from passes.trace import fresh_module_call, joint_backend
 
         model = self.wrapped
         device = _model_device(model, ())
@@ -107,12 +103,11 @@ class CheckpointedModule(nn.Module):
             inner = owner.wrapped
             return [*inner.parameters(), *inner.buffers(), *owner._call_inputs]
 
-        # A function of this wrapper's own, given the model as an argument: Dynamo's compiled
-        # code for it goes when the wrapper goes, where on a code object shared by every
-        # wrapper it would stay until the process ends (or hits the limit of compiles per code).
-        call = function_of_its_own(_call)
+        # A function of this wrapper's own: Dynamo's compiled code for it goes when the wrapper
+        # goes, where on a code object shared by every wrapper it would stay until the process
+        # ends (or reaches Dynamo's limit of compiles per code object).
         compiled = torch.compile(
-            call,
+            fresh_module_call(),
             backend=joint_backend(partitioner, resident=resident),
             fullgraph=True,
             dynamic=False,

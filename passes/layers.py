@@ -37,9 +37,9 @@ def _dotted(path: str) -> str:
     return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path)
 
 
-# Dynamo names the traced root ``L['self']`` (a compiled module), ``L['fn'].args[0]`` (a
-# compiled partial function bound to the module, as auto_checkpoint's) or ``L['model']`` (a
-# function given it as its ``model`` argument, as graphckpt.plan's capture).
+# Dynamo names the traced root ``L['self']`` (a compiled module), ``L['model']`` (the model
+# argument of passes.trace.fresh_module_call, which auto_checkpoint and graphckpt.plan compile)
+# or ``L['fn'].args[0]`` (a compiled partial bound to the module).
 _ROOT = re.compile(r"^L\.(?:self|model|fn\.args\.\d+)(?:\.|$)")
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "Partitioner",
     "capture_joint_graphs",
     "dynamo_settings",
-    "function_of_its_own",
+    "fresh_module_call",
     "joint_backend",
     "untraced_bytes",
 ]
@@ -291,8 +291,7 @@ def capture_joint_graphs(
     # not keep the model and its inputs alive with it.
     call: list[Any] = [*model.parameters(), *model.buffers(), *tree_leaves((args, kwargs))]
     backend = joint_backend(record, resident=lambda: list(call))
-    # The model is an argument (Dynamo names it L['model'] in the graph's module paths).
-    call_model = function_of_its_own(_call_module)
+    call_model = fresh_module_call()
     compiled = torch.compile(call_model, backend=backend, fullgraph=True)
     # Dynamo's own collection at the end of a compile is skipped: with the collector paused it
     # would scan every object the trace allocated, and this compile is thrown away at once.
@@ -317,24 +316,20 @@ def _call_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def function_of_its_own(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with a copy of its code object, which no other function shares.
+def fresh_module_call() -> Callable[..., Any]:
+    """A new function ``f(model, *args, **kwargs)`` that returns ``model(*args, **kwargs)``,
+    with a code object no other function shares.
 
-    Dynamo keeps compiled code and its guards per code object. Compiling a copy keeps them
-    apart from every other compile of ``fn``: they can be dropped alone (``reset_code``), and
-    they go with the copy when it is freed, where on a shared code object they would pile up
-    (each a model's compiled graphs) until Dynamo's limit on compiles of one code object.
+    Dynamo keeps compiled code and its guards per code object. Compiling a fresh one keeps
+    them apart from every other compile: they can be dropped alone (``reset_code``), and they
+    go with the function when it is freed, where on a shared code object they would pile up
+    (each a model's compiled graphs) until Dynamo's limit on compiles of one code object. The
+    model is an argument, so Dynamo names it ``L['model']`` in the graph's module paths.
 
     Example:
-        >>> a, b = function_of_its_own(_call_module), function_of_its_own(_call_module)
+        >>> a, b = fresh_module_call(), fresh_module_call()
         >>> a.__code__ is b.__code__, a(torch.nn.Identity(), 3)
         (False, 3)
     """
-    code = fn.__code__.replace()  # type: ignore[attr-defined]
-    return types.FunctionType(
-        code,
-        fn.__globals__,  # type: ignore[attr-defined]
-        fn.__name__,
-        fn.__defaults__,  # type: ignore[attr-defined]
-        fn.__closure__,  # type: ignore[attr-defined]
-    )
+    code = _call_module.__code__.replace()  # a copy, not the shared original
+    return types.FunctionType(code, _call_module.__globals__, _call_module.__name__)
