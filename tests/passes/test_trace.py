@@ -3,15 +3,19 @@ the resident inputs the graph drops."""
 
 from __future__ import annotations
 
+import copy
 import doctest
 import gc
 
 import pytest
 import torch
 import torch.fx as fx
+from torch._dynamo.testing import CompileCounter
 from torch._functorch.partitioners import default_partition
 
+import graphckpt
 import passes.trace
+from graphckpt.examples import gpt_example
 from passes.trace import (
     JointGraph,
     capture_joint_graphs,
@@ -83,13 +87,6 @@ def test_capture_leaves_other_compiled_functions_and_plans_in_place() -> None:
     """Planning a model (graphckpt.plan captures its graph) recompiles nothing else: not a
     user's compiled function, and not an auto_checkpoint model, whose next call would plan
     again (in a tensor-parallel job, a plan check on the ranks that planned alone)."""
-    import copy
-
-    from torch._dynamo.testing import CompileCounter
-
-    import graphckpt
-    from graphckpt.examples import gpt_example
-
     model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
     wide = graphckpt.plan(model, inputs, 1.0)
     budget = (wide.min_peak_bytes + wide.max_peak_bytes) / 2 / 2**30
