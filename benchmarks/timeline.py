@@ -23,7 +23,7 @@ from passes.cost import estimate_costs
 from passes.pipeline import planning_partitioner
 from passes.plan import rng_state_bytes
 from passes.simulate import Simulation, StepGraph, simulate
-from passes.trace import JointGraph, dynamo_settings, joint_backend
+from passes.trace import JointGraph, dynamo_settings, fresh_module_call, joint_backend
 
 __all__ = ["StepTimeline", "step_timeline"]
 
@@ -44,10 +44,6 @@ class StepTimeline:
     """Peak of ``predicted_bytes`` as the simulator reports it (equals the plan's prediction)."""
     measured_peak_bytes: int
     """Peak of the measured step, counted like ``graphckpt.memory.step_peak_bytes``."""
-
-
-def _call(model: nn.Module, *args: Any) -> Any:
-    return model(*args)
 
 
 def _simulate_plan(
@@ -115,12 +111,10 @@ def step_timeline(
 
         return planning_partitioner(budget_bytes, cfg, device, on_plan)(jg)
 
-    compiled = torch.compile(
-        functools.partial(_call, model),
-        backend=joint_backend(partition),
-        fullgraph=True,
-        dynamic=False,
+    call = torch.compile(
+        fresh_module_call(), backend=joint_backend(partition), fullgraph=True, dynamic=False
     )
+    compiled = functools.partial(call, model)
     params = list(model.parameters())
     with dynamo_settings():
         compiled(*inputs).backward()  # compile and plan; not measured
