@@ -49,16 +49,24 @@ def _inductor_settings(exact_rng: bool = True) -> Iterator[None]:
     ``fallback_random`` (``exact_rng``): inductor would otherwise replace ATen random ops by its
     own generator, which the rewriter's ``run_and_save_rng_state`` / ``run_with_rng_state``
     replay cannot see, so recomputed dropout masks would differ from the forward ones (and from
-    eager). With ``exact_rng=False`` the planner keeps every draw instead (no replay needed).
+    eager). With ``exact_rng=False`` random ops become inductor's seeded draws before planning
+    and the planner keeps their seeds instead (no replay needed).
 
     ``reorder_for_peak_memory`` off: that pass moves the planner's split dropout draws
     (``bernoulli`` into a fresh buffer, no data dependence on each other) out of program order,
     so they take other numbers from the generator than eager's dropouts (measured: GPT gradients
     off by 0.05); it would also undo the order the planner simulated the peak for.
+
+    ``fx_graph_cache`` off: the cache key does not see the segment fence
+    (``passes/fusion_fence.py``) the backward graphs compile under, so a kernel cached from a
+    compile without it (fusing two layers' recompute, measured 27 MiB over plan on Hugging Face
+    GPT-2) could come back. Planned graphs are compiled afresh.
     """
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(fallback_random=exact_rng, reorder_for_peak_memory=False):
+    with inductor_config.patch(
+        fallback_random=exact_rng, reorder_for_peak_memory=False, fx_graph_cache=False
+    ):
         yield
 
 
@@ -170,6 +178,11 @@ class GraphCkptBackend:
     def _partition(self, jg: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from passes.pipeline import planning_partitioner
 
+        if self.compiler == "inductor" and not self.exact_rng:
+            from passes.inductor_rng import seed_random_draws
+
+            with _inductor_settings(self.exact_rng):
+                seed_random_draws(jg)
         held = self.live_kept_bytes()
         made: list[Plan] = []
         partition = planning_partitioner(
@@ -229,11 +242,13 @@ class GraphCkptBackend:
             return _eager_compiler(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx_inner
 
+        from passes.fusion_fence import mark_segments, segment_fence
+
         inputs = _fake_inputs(gm, example_inputs)
         with _inductor_settings(self.exact_rng):
             if not self.exact_rng:
-                # What compile_fx does on the joint graph before partitioning (we partition
-                # ourselves): ATen random ops become inductor's seeded, fusible ones.
+                # Training graphs had their random ops seeded before planning (_partition);
+                # a graph with no backward (inference) has not: do it here, as compile_fx does.
                 from torch._guards import detect_fake_mode
                 from torch._inductor.fx_passes import replace_random
                 from torch._inductor.virtualized import V
@@ -243,9 +258,12 @@ class GraphCkptBackend:
                     replaced += replace_random.fuse_seed_creation_pass(gm.graph)
                 if replaced:
                     gm.recompile()
-            return compile_fx_inner(
-                gm, inputs, is_backward=role == "backward", is_inference=role == "inference"
-            )
+            if role == "backward":
+                mark_segments(gm)
+            with segment_fence():
+                return compile_fx_inner(
+                    gm, inputs, is_backward=role == "backward", is_inference=role == "inference"
+                )
 
 
 def backend(
@@ -272,9 +290,11 @@ def backend(
 
     ``exact_rng=False`` (inductor only) lets inductor draw random numbers its own way, fused into
     its kernels, as a plain ``torch.compile`` does: faster dropout, but masks that differ from
-    eager's. That generator cannot be replayed, so the planner keeps every draw backward needs
-    (dropout's 1-byte mask) and never recomputes one (``PlanConfig.recompute_random=False``);
-    backward still sees exactly forward's masks.
+    eager's. As inductor does before its own partitioner, each training graph's random ops
+    become seeded draws (``passes/inductor_rng.py``): only the seeds come from torch's generator,
+    and the planner keeps them (``PlanConfig.recompute_random=False`` pins random ops). A draw
+    is a pure function of its seed, so backward can regenerate a dropout mask inside its own
+    kernels instead of keeping it, and still sees exactly forward's masks.
 
     Graph breaks: one budget covers the whole step. Dynamo compiles subgraphs in execution order,
     and the activations a subgraph keeps stay alive until its backward, which runs after the
@@ -285,8 +305,13 @@ def backend(
     other subgraphs are not charged to a subgraph. Each Plan's ``graph_index`` numbers the
     subgraphs in compile order.
 
+    Inductor compiles each backward graph with a fence around every recompute group: it
+    does not fuse two independent nodes from different groups (``passes/fusion_fence.py``),
+    which would run a later layer's recompute early, all layers' temporaries alive at once.
+
     Only compile-time torch config is changed, each scoped to the compile call
-    (``config.patch``): inductor's ``fallback_random`` and functorch's
+    (``config.patch``): inductor's ``fallback_random``, ``reorder_for_peak_memory`` and
+    ``fx_graph_cache`` and its choices handler (the fence), and functorch's
     ``enable_autograd_cache`` (off, since a cache hit would skip the planner).
 
     Args:

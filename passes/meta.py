@@ -16,10 +16,12 @@ import torch.fx as fx
 __all__ = [
     "NN_MODULE_STACK",
     "PARTITIONER_TAG",
+    "RECOMPUTED",
     "VAL",
     "is_backward",
     "is_forward",
     "is_random",
+    "is_seeded_draw",
     "is_view",
     "module_paths",
     "must_keep",
@@ -30,6 +32,8 @@ __all__ = [
 VAL = "val"
 NN_MODULE_STACK = "nn_module_stack"
 PARTITIONER_TAG = "partitioner_tag"
+RECOMPUTED = "graphckpt_recomputed"
+"""graphckpt's own key: True on the backward copies the rewriter makes of recomputed nodes."""
 
 
 def node_val(node: fx.Node) -> Any:
@@ -53,6 +57,14 @@ def is_random(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and (
         torch.Tag.nondeterministic_seeded in target.tags
     )
+
+
+def is_seeded_draw(node: fx.Node) -> bool:
+    """True for inductor's seeded draw (``prims.inductor_random``): a pure function of its
+    seed and shape, so recomputing it gives the same numbers (``passes/inductor_rng.py``)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return node.target.name() == "prims::inductor_random"
 
 
 # Ops whose output shares its input's storage although their schema declares no alias.

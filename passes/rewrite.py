@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from graphckpt.graph_offload import GraphOffloader
 from graphckpt.graph_partition import GraphPartitioner
-from passes.meta import PARTITIONER_TAG, VAL, is_forward, is_random, node_val
+from passes.meta import PARTITIONER_TAG, RECOMPUTED, VAL, is_forward, is_random, node_val
 from passes.partition_rewrite import insert_partitions
 from passes.trace import JointGraph
 
@@ -130,7 +130,7 @@ def _clone_into_backward(
                 new = _batch_norm_without_stats(graph, node, mapped)
             else:
                 new = graph.node_copy(node, mapped)
-        new.meta = {**node.meta, **new.meta, PARTITIONER_TAG: "is_backward"}
+        new.meta = {**node.meta, **new.meta, PARTITIONER_TAG: "is_backward", RECOMPUTED: True}
         copies[node] = new
         for user in node.users:
             if user.target is operator.getitem and user in recompute and user not in copies:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.measure import grads_equal, measure_step
+from passes.meta import RECOMPUTED
 from passes.rewrite import recompute_closure, rewrite_pass
 from passes.trace import JointGraph, dynamo_settings, joint_backend
 
@@ -47,6 +48,32 @@ def test_recomputed_dropout_replays_its_generator_state(tiny_gpt) -> None:
     with dynamo_settings():
         compiled(*inputs).backward()
     assert any("run_with_rng_state" in t for t in random_nodes)
+
+
+@pytest.mark.parametrize("keep", ["nothing", "everything"])
+def test_recompute_copies_and_only_they_are_marked(tiny_gpt, keep) -> None:
+    model, inputs = tiny_gpt
+    marked: list[tuple[int, int]] = []
+
+    def partition(jg: JointGraph):
+        needed = [a for b in jg.backward for a in b.all_input_nodes if a in set(jg.forward)]
+        saved = [] if keep == "nothing" else needed
+        closure = recompute_closure(jg, saved)
+        fw, bw = rewrite_pass(jg, saved)
+        assert not any(n.meta.get(RECOMPUTED) for n in fw.graph.nodes)
+        recomputed = [n for n in bw.graph.nodes if n.meta.get(RECOMPUTED)]
+        assert all(n.op == "call_function" for n in recomputed)
+        marked.append((len(recomputed), len(closure)))
+        return fw, bw
+
+    compiled = torch.compile(model, backend=joint_backend(partition), fullgraph=True)
+    with dynamo_settings():
+        compiled(*inputs).backward()
+    ((count, closure),) = marked
+    if keep == "nothing":
+        assert count >= closure > 0
+    else:
+        assert count == closure == 0
 
 
 def test_without_replay_a_recomputed_random_op_is_refused(tiny_gpt) -> None:

@@ -1,0 +1,72 @@
+"""Inductor's seeded random draws in the joint graph, before planning (``exact_rng=False``).
+
+Inductor normally rewrites ATen random ops on the joint graph, before its partitioner runs:
+each draw becomes ``prims.inductor_random(shape, seed, "rand")`` with its seed looked up in one
+``prims.inductor_seeds`` tensor per device. Only ``inductor_seeds`` draws from torch's
+generator; a draw is then a pure function of its seed and shape, so backward can recompute a
+dropout mask inside its own fused kernels instead of keeping it. ``graphckpt.backend`` partitions
+the joint graph itself, so it runs the same rewrite here, before the planner, which then keeps
+the seeds (a random op, pinned) and may recompute the draws like any other op.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes.meta import PARTITIONER_TAG
+from passes.trace import JointGraph
+
+__all__ = ["seed_random_draws"]
+
+
+def seed_random_draws(jg: JointGraph) -> int:
+    """Rewrite ``jg``'s ATen random ops into inductor's seeded draws, in place.
+
+    New nodes are tagged forward when a forward output depends on them, backward otherwise,
+    and ``jg``'s role lists are refreshed. Call it with inductor's ``fallback_random`` off (with
+    it on, inductor leaves random ops to ATen and this returns 0).
+
+    Args:
+        jg: the joint graph; its nodes carry fake-tensor values (``meta["val"]``).
+
+    Returns:
+        How many rewrites were made (0: the graph draws no random numbers).
+
+    Example:
+        >>> # in GraphCkptBackend's partitioner, before planning: seed_random_draws(jg)
+    """
+    from torch._guards import detect_fake_mode
+    from torch._inductor.fx_passes import replace_random
+    from torch._inductor.virtualized import V
+
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in jg.primals])
+    with V.set_fake_mode(fake_mode):
+        count = replace_random.patterns.apply(jg.gm)
+        count += replace_random.fuse_seed_creation_pass(jg.gm.graph)
+    if not count:
+        return 0
+    jg.gm.graph.lint()
+    jg.gm.recompile()
+    jg.refresh()
+    _tag_new_nodes(jg)
+    return int(count)
+
+
+def _tag_new_nodes(jg: JointGraph) -> None:
+    """Give the rewrite's untagged nodes a role: forward if a forward output reads them."""
+    needed: set[fx.Node] = set()
+    stack = list(jg.fwd_outputs)
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    untagged = [
+        n
+        for n in jg.gm.graph.nodes
+        if n.op in ("call_function", "get_attr") and PARTITIONER_TAG not in n.meta
+    ]
+    for node in untagged:
+        node.meta[PARTITIONER_TAG] = "is_forward" if node in needed else "is_backward"
+    if untagged:
+        jg.refresh()
