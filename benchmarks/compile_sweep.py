@@ -13,8 +13,9 @@ paired ratios, ``benchmarks.measure.paired_ratio``).
 
 graphckpt compiles with ``exact_rng=True`` (dropout masks equal eager's, which torch's
 variants do not reproduce: inductor draws its own). ``--inductor-rng`` compiles graphckpt with
-inductor's generator too, the like-for-like time comparison for models with dropout; its
-gradients are then checked against graphckpt's own keep-all variant.
+inductor's generator too, the like-for-like time comparison for models with dropout: its
+masks are then those of a plain torch.compile (``tests/graphckpt/test_backend.py`` checks the
+gradients are equal), and the sweep checks its gradients against its own keep-all variant.
 
 Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
 per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
@@ -24,7 +25,8 @@ Run::
 
     python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
         [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng] \
-        [--out benchmarks/results/compile_sweep.json]
+        [--out benchmarks/results/compile_sweep.json (with --inductor-rng:
+               benchmarks/results/compile_sweep_inductor_rng.json)]
 """
 
 from __future__ import annotations
@@ -367,9 +369,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="compile graphckpt with exact_rng=False (inductor's generator, like torch's variants)",
     )
-    parser.add_argument("--out", default="benchmarks/results/compile_sweep.json")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/compile_sweep.json, or "
+        "compile_sweep_inductor_rng.json with --inductor-rng)",
+    )
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    default = "compile_sweep_inductor_rng.json" if args.inductor_rng else "compile_sweep.json"
+    out = Path(args.out or f"benchmarks/results/{default}")
     result = sweep(
         args.models,
         n_budgets=args.budgets,
