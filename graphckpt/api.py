@@ -58,6 +58,8 @@ class CheckpointedModule(nn.Module):
     It shares the original's parameters, buffers and submodules (same objects, same
     ``state_dict()`` keys), so optimizers, checkpoints and ``.to()`` work as on the original.
     Without grad (``torch.no_grad()``, ``inference_mode``) it calls the original directly.
+    It can be saved whole (``torch.save``, ``pickle``) or deep-copied: the copy keeps the plans
+    made so far and plans again, for itself, on its first training call.
     """
 
     def __init__(self, model: nn.Module, budget_bytes: int, config: PlanConfig) -> None:
@@ -167,6 +169,23 @@ class CheckpointedModule(nn.Module):
         if "backend" not in kwargs:
             kwargs["backend"] = self.backend(**(backend_options or {}))
         super().compile(**kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle``, ``torch.save`` and ``copy.deepcopy`` keep: everything but the
+        compiled step and the offloader, which belong to this object (the compiled step plans
+        into this object's list and calls this model); :meth:`__setstate__` makes new ones."""
+        state = dict(self.__dict__)
+        for name in ("_compiled", "offloader", "_call_inputs"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled or copied wrapper: same model, budget, config and plans made so
+        far, and a compiled step of its own, which plans again on its first training call."""
+        self.__dict__.update(state)
+        object.__setattr__(self, "offloader", GraphOffloader())
+        object.__setattr__(self, "_call_inputs", ())
+        object.__setattr__(self, "_compiled", self._make_compiled())
 
     def train(self, mode: bool = True) -> CheckpointedModule:
         """Set training mode on the wrapped model too (its own forward may read it)."""

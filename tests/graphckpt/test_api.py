@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -172,3 +173,32 @@ def test_models_planned_one_after_another_do_not_pile_up_compiled_code() -> None
             ckpt(*inputs).backward()
             del ckpt, model
             gc.collect()
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_saved_or_copied_wrapper_trains_on_its_own(tiny_gpt, how) -> None:
+    """``torch.save`` failed (the offloader's weak dictionary), and a deep copy shared the
+    original's compiled step, which planned into the original's list."""
+    model, inputs = tiny_gpt
+    wide = graphckpt.plan(model, inputs, budget_gb=1.0)
+    budget = (wide.min_peak_bytes + wide.max_peak_bytes) // 2
+    reference = measure_step(copy.deepcopy(model), inputs, seed=5)
+    ckpt = graphckpt.auto_checkpoint(copy.deepcopy(model), budget / 2**30, example_inputs=inputs)
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    else:
+        clone = copy.deepcopy(ckpt)
+    assert [p.to_json() for p in clone.plans] == [p.to_json() for p in ckpt.plans]
+    assert clone.budget_bytes == ckpt.budget_bytes and clone.config == ckpt.config
+    assert clone.state_dict().keys() == ckpt.state_dict().keys()
+    assert all(a is not b for a, b in zip(clone.parameters(), ckpt.parameters(), strict=True))
+    before = len(ckpt.plans)
+    result = measure_step(clone, inputs, seed=5)
+    assert not clone.runs_original
+    assert len(clone.plans) == before + 1 and len(ckpt.plans) == before
+    assert result.loss == reference.loss
+    assert grads_equal(result.grads, reference.grads)
+    assert result.peak_bytes <= budget
