@@ -250,14 +250,10 @@ class GraphCkptBackend:
                 # Training graphs had their random ops seeded before planning (_partition);
                 # a graph with no backward (inference) has not: do it here, as compile_fx does.
                 from torch._guards import detect_fake_mode
-                from torch._inductor.fx_passes import replace_random
-                from torch._inductor.virtualized import V
 
-                with V.set_fake_mode(detect_fake_mode(inputs)):
-                    replaced = replace_random.patterns.apply(gm)
-                    replaced += replace_random.fuse_seed_creation_pass(gm.graph)
-                if replaced:
-                    gm.recompile()
+                from passes.inductor_rng import seed_draws_in
+
+                seed_draws_in(gm, detect_fake_mode(inputs))
             if role == "backward":
                 mark_segments(gm)
             with segment_fence():

@@ -26,12 +26,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from passes.meta import RECOMPUTED
+from passes.meta import RECOMPUTED, SEGMENT
 
-__all__ = ["SEGMENT", "mark_segments", "segment_fence"]
-
-SEGMENT = "graphckpt_segment"
-"""``node.meta`` key: the recompute segment (0, 1, ...) a backward node belongs to."""
+__all__ = ["mark_segments", "segment_fence"]
 
 
 def mark_segments(gm: fx.GraphModule) -> int:

@@ -11,12 +11,40 @@ the seeds (a random op, pinned) and may recompute the draws like any other op.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import fx
 
 from passes.meta import PARTITIONER_TAG
 from passes.trace import JointGraph
 
-__all__ = ["seed_random_draws"]
+__all__ = ["seed_draws_in", "seed_random_draws"]
+
+
+def seed_draws_in(gm: fx.GraphModule, fake_mode: Any) -> int:
+    """Rewrite ``gm``'s ATen random ops into inductor's seeded draws, in place, as compile_fx
+    does (the nodes it adds get no role; :func:`seed_random_draws` tags a joint graph's).
+
+    Args:
+        gm: a graph whose nodes carry fake-tensor values.
+        fake_mode: the fake mode of those values.
+
+    Returns:
+        How many rewrites were made.
+
+    Example:
+        >>> # an inference graph, before compile_fx_inner: seed_draws_in(gm, fake_mode)
+    """
+    from torch._inductor.fx_passes import replace_random
+    from torch._inductor.virtualized import V
+
+    with V.set_fake_mode(fake_mode):
+        count = replace_random.patterns.apply(gm)
+        count += replace_random.fuse_seed_creation_pass(gm.graph)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return int(count)
 
 
 def seed_random_draws(jg: JointGraph) -> int:
@@ -36,17 +64,10 @@ def seed_random_draws(jg: JointGraph) -> int:
         >>> # in GraphCkptBackend's partitioner, before planning: seed_random_draws(jg)
     """
     from torch._guards import detect_fake_mode
-    from torch._inductor.fx_passes import replace_random
-    from torch._inductor.virtualized import V
 
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in jg.primals])
-    with V.set_fake_mode(fake_mode):
-        count = replace_random.patterns.apply(jg.gm)
-        count += replace_random.fuse_seed_creation_pass(jg.gm.graph)
+    count = seed_draws_in(jg.gm, detect_fake_mode([n.meta.get("val") for n in jg.primals]))
     if not count:
         return 0
-    jg.gm.graph.lint()
-    jg.gm.recompile()
     jg.refresh()
     _tag_new_nodes(jg)
     return int(count)

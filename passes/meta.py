@@ -17,6 +17,7 @@ __all__ = [
     "NN_MODULE_STACK",
     "PARTITIONER_TAG",
     "RECOMPUTED",
+    "SEGMENT",
     "VAL",
     "is_backward",
     "is_forward",
@@ -34,6 +35,9 @@ NN_MODULE_STACK = "nn_module_stack"
 PARTITIONER_TAG = "partitioner_tag"
 RECOMPUTED = "graphckpt_recomputed"
 """graphckpt's own key: True on the backward copies the rewriter makes of recomputed nodes."""
+SEGMENT = "graphckpt_segment"
+"""graphckpt's own key: the recompute segment (0, 1, ...) of a backward node
+(``passes/fusion_fence.py``)."""
 
 
 def node_val(node: fx.Node) -> Any:

@@ -143,6 +143,24 @@ def test_inductor_rng_regenerates_masks_from_kept_seeds(tiny_gpt) -> None:
     assert not torch.equal(loss, eager_loss)
 
 
+def test_inductor_rng_inference_draws_torch_compiles_masks(tiny_gpt) -> None:
+    """A graph with no backward is not planned; with exact_rng=False its random ops still
+    become inductor's seeded draws, so it computes what a plain torch.compile computes."""
+    model, inputs = tiny_gpt
+    be = graphckpt.backend(1.0, exact_rng=False)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ours = torch.compile(copy.deepcopy(model), backend=be)(*inputs)
+        torch._dynamo.reset()
+        torch.manual_seed(3)
+        theirs = torch.compile(copy.deepcopy(model), backend="inductor")(*inputs)
+        torch.manual_seed(3)
+        eager = copy.deepcopy(model)(*inputs)
+    assert be.plans == []
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.equal(ours, eager)
+
+
 def test_inductor_rng_option_is_validated() -> None:
     with pytest.raises(TypeError, match="exact_rng must be a bool"):
         graphckpt.backend(1.0, exact_rng="no")  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import torch
 import torch.fx as fx
 
-from passes.fusion_fence import SEGMENT, _apart, mark_segments, segment_fence
-from passes.meta import RECOMPUTED
+from passes.fusion_fence import _apart, mark_segments, segment_fence
+from passes.meta import RECOMPUTED, SEGMENT
 
 
 def _chain(n: int) -> fx.GraphModule:
