@@ -289,7 +289,6 @@ def sweep_model(
     return {
         "exact_rng": exact_rng,
         "grads_reference": "eager model" if exact_rng else "plain torch.compile (inductor)",
-        "keep_all_grads_match": top.grads_match,
         "eager_peak_bytes": ref.peak_bytes,
         "graphckpt_min_feasible_bytes": min_feasible,
         "graphckpt_keep_all_peak_bytes": top.peak_bytes,

@@ -67,11 +67,7 @@ def run_two_ranks(body: Callable[..., None], *args: Any, barrier_at_end: bool = 
                 for process in context.processes:
                     process.kill()
                 pytest.fail(f"two-rank test did not finish within {TIMEOUT_S:.0f} s")
-    except mp.ProcessRaisedException as e:
-        failure: mp.ProcessRaisedException | None = e
-    else:
-        failure = None
-    if failure is not None:
+    except mp.ProcessRaisedException as failure:
         # The failing rank's error first and its traceback's end, not pytest's long report of
         # the parent (CI logs cut long reports). The other rank's stack when it was stopped is
         # in the captured stderr.
