@@ -49,8 +49,10 @@ def _inductor_settings(exact_rng: bool = True) -> Iterator[None]:
     ``fallback_random`` (``exact_rng``): inductor would otherwise replace ATen random ops by its
     own generator, which the rewriter's ``run_and_save_rng_state`` / ``run_with_rng_state``
     replay cannot see, so recomputed dropout masks would differ from the forward ones (and from
-    eager). With ``exact_rng=False`` random ops become inductor's seeded draws before planning
-    and the planner keeps their seeds instead (no replay needed).
+    eager). It also keeps a random op whose result is unused through AOTAutograd's dead-code
+    elimination, so the scope covers the trace as well as the compiles. With
+    ``exact_rng=False`` random ops become inductor's seeded draws before planning and the
+    planner keeps their seeds instead (no replay needed).
 
     ``reorder_for_peak_memory`` off: that pass moves the planner's split dropout draws
     (``bernoulli`` into a fresh buffer, no data dependence on each other) out of program order,
@@ -172,7 +174,14 @@ class GraphCkptBackend:
         # Our compilers are not cacheable; a cache hit would also skip the planner.
         import torch._functorch.config as functorch_config
 
-        with functorch_config.patch(enable_autograd_cache=False):
+        # Inductor's settings cover the trace too: under a tracing context, fx's dead-code
+        # elimination keeps random ops whose result is unused only with fallback_random set
+        # (exact_rng). Eager draws for them all the same, so without it a dropout whose output
+        # nothing reads would vanish and every later mask (and the loss) would differ.
+        with (
+            functorch_config.patch(enable_autograd_cache=False),
+            _inductor_settings(self.exact_rng),
+        ):
             return self._joint(gm, example_inputs)
 
     def _partition(self, jg: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -246,7 +255,11 @@ class GraphCkptBackend:
 
         inputs = _fake_inputs(gm, example_inputs)
         with _inductor_settings(self.exact_rng):
-            if not self.exact_rng:
+            if self.exact_rng:
+                from passes.inductor_rng import keep_unread_draws
+
+                keep_unread_draws(gm)
+            else:
                 # Training graphs had their random ops seeded before planning (_partition);
                 # a graph with no backward (inference) has not: do it here, as compile_fx does.
                 from torch._guards import detect_fake_mode
@@ -280,8 +293,10 @@ def backend(
     With ``compiler="inductor"`` AOTAutograd traces with inductor's decompositions (the planner
     plans the decomposed graph) and inductor compiles the rewritten forward and backward graphs,
     with ``torch._inductor.config.fallback_random=True`` scoped to each compile so random ops
-    keep torch's generator (and its replay). A graph that offloads to host memory calls Python
-    methods inductor cannot lower: it runs as eager fx code, with a warning.
+    keep torch's generator (and its replay); a random op whose result nothing reads still
+    draws, as in eager (``passes.inductor_rng.keep_unread_draws``). A graph that offloads to
+    host memory calls Python methods inductor cannot lower: it runs as eager fx code, with a
+    warning.
     ``compiler="eager"`` runs every rewritten graph as eager fx code, like ``auto_checkpoint``.
 
     ``exact_rng=False`` (inductor only) lets inductor draw random numbers its own way, fused into

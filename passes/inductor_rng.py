@@ -7,18 +7,63 @@ generator; a draw is then a pure function of its seed and shape, so backward can
 dropout mask inside its own fused kernels instead of keeping it. ``graphckpt.backend`` partitions
 the joint graph itself, so it runs the same rewrite here, before the planner, which then keeps
 the seeds (a random op, pinned) and may recompute the draws like any other op.
+
+With ``exact_rng`` the random ops stay ATen's, and :func:`keep_unread_draws` makes sure
+inductor runs a draw whose result nothing reads (eager draws it all the same).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import fx
 
-from passes.meta import PARTITIONER_TAG
+from passes.meta import PARTITIONER_TAG, is_random
 from passes.trace import JointGraph
 
-__all__ = ["seed_draws_in", "seed_random_draws"]
+__all__ = ["keep_unread_draws", "seed_draws_in", "seed_random_draws"]
+
+
+@torch.library.custom_op("graphckpt::drawn", mutates_args=("draw",))
+def _drawn(draw: torch.Tensor) -> None:
+    """Does nothing. Its schema says it writes ``draw``, so inductor keeps the op that made it."""
+
+
+def keep_unread_draws(gm: fx.GraphModule) -> int:
+    """Make inductor run every random op of ``gm``, read or not, in place.
+
+    A random op whose result nothing reads (a dropout whose output is unused) still advances
+    the generator in eager, so later masks depend on it. Fx keeps such an op (with inductor's
+    ``fallback_random``), but inductor's scheduler removes the kernel that makes a buffer no one
+    reads. Each such op gets one reader, ``graphckpt::drawn``, whose schema declares a write to
+    its argument (so it is never removed) and which does nothing.
+
+    Args:
+        gm: a forward or inference graph about to be compiled by inductor.
+
+    Returns:
+        How many draws got a reader.
+
+    Example:
+        >>> # GraphCkptBackend, before compile_fx_inner with exact_rng: keep_unread_draws(gm)
+    """
+    unread = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and is_random(n)
+        and not n.users
+        and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+    for node in unread:
+        with gm.graph.inserting_after(node):
+            reader = gm.graph.call_function(torch.ops.graphckpt.drawn.default, (node,))
+        reader.meta["val"] = None
+    if unread:
+        gm.graph.lint()
+        gm.recompile()
+    return len(unread)
 
 
 def seed_draws_in(gm: fx.GraphModule, fake_mode: Any) -> int:

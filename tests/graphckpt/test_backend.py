@@ -181,6 +181,36 @@ def test_inductor_keeps_dropout_draws_in_program_order() -> None:
     assert torch._inductor.config.reorder_for_peak_memory  # restored after the compile
 
 
+class _UnreadDropout(nn.Module):
+    """A dropout whose output nothing reads: eager draws its mask all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        self.drop(h)
+        return self.drop(h).sum()
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_unread_dropout_still_draws(compiler) -> None:
+    """Regression: AOTAutograd's dead-code elimination (and, with inductor, its scheduler)
+    dropped the unread dropout, so the second mask, the gradients and the generator state after
+    the step differed from eager's."""
+    torch.manual_seed(0)
+    model, inputs = _UnreadDropout(), (torch.randn(8, 16),)
+    ref_loss, ref_grads = _grads(copy.deepcopy(model), inputs, seed=3)
+    ref_state = torch.get_rng_state()
+    loss, grads = _grads(model, inputs, seed=3, backend=graphckpt.backend(1.0, compiler=compiler))
+    assert torch.equal(torch.get_rng_state(), ref_state)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grads, ref_grads)
+    assert not torch._inductor.config.fallback_random  # restored after the compile
+
+
 class _TwoHalves(nn.Module):
     """Two MLP halves with dropout and a deliberate Dynamo graph break between them."""
 

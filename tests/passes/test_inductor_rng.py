@@ -6,11 +6,11 @@ import doctest
 import importlib
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from graphckpt.options import DeviceSpec
 from passes.cost import estimate_costs
-from passes.inductor_rng import seed_random_draws
+from passes.inductor_rng import keep_unread_draws, seed_random_draws
 from passes.meta import is_random, is_seeded_draw
 from passes.trace import capture_joint_graphs
 
@@ -60,6 +60,24 @@ def test_keeping_a_mask_costs_more_than_drawing_it_again() -> None:
         assert costs[draw].seconds >= drawn
         (mask,) = draw.users  # the comparison with p
         assert costs[mask].keep_seconds > costs[draw].seconds + costs[mask].seconds
+
+
+def test_unread_draws_get_a_reader_that_writes_them() -> None:
+    def draws(x: torch.Tensor) -> torch.Tensor:
+        torch.ops.aten.bernoulli.p(x, 0.5)  # unread
+        return torch.ops.aten.bernoulli.p(x, 0.5) * x
+
+    gm = fx.symbolic_trace(draws)
+    for node in gm.graph.nodes:
+        node.meta["val"] = torch.empty(4) if node.op != "output" else None
+    assert keep_unread_draws(gm) == 1
+    readers = [n for n in gm.graph.nodes if n.target is torch.ops.graphckpt.drawn.default]
+    (reader,) = readers
+    (unread,) = reader.args
+    assert is_random(unread) and list(unread.users) == [reader]
+    assert torch.ops.graphckpt.drawn.default._schema.is_mutable  # never removed as dead
+    assert keep_unread_draws(gm) == 0  # every draw is read now
+    gm(torch.ones(4))  # the reader runs, and does nothing
 
 
 def test_docstring_examples() -> None:
