@@ -317,8 +317,8 @@ def backend(
     subgraphs in compile order.
 
     Inductor compiles each backward graph with a fence around every recompute group: it
-    does not fuse two independent nodes from different groups (``passes/fusion_fence.py``),
-    which would run a later layer's recompute early, all layers' temporaries alive at once.
+    does not fuse two independent nodes from different groups when that would run a later
+    group's recompute early, all layers' temporaries alive at once (``passes/fusion_fence.py``).
 
     Only compile-time torch config is changed, each scoped to the compile call
     (``config.patch``): inductor's ``fallback_random``, ``reorder_for_peak_memory`` and
