@@ -88,22 +88,23 @@ class _Fence:
     among the op and everything it depends on (what a fusion that runs it early pulls along)."""
 
     def __init__(self) -> None:
+        self._own: dict[str, int] = {}
         self._latest: dict[str, int] = {}
+
+    def _own_segment(self, op: Any) -> int:
+        name = op.get_name()
+        if name not in self._own:
+            self._own[name] = _recompute_segment(op)
+        return self._own[name]
 
     def _latest_recompute(self, scheduler: Any, node: Any) -> int:
         latest = -1
         for op in node.get_nodes():
             name = op.get_name()
             if name not in self._latest:
-                own = _recompute_segment(op)
-                above = (
-                    _recompute_segment(base)
-                    for ancestor in op.ancestors
-                    if ancestor in scheduler.name_to_fused_node
-                    for base in scheduler.name_to_fused_node[ancestor].get_nodes()
-                    if base.get_name() == ancestor
-                )
-                self._latest[name] = max(own, *above) if op.ancestors else own
+                above = (scheduler.name_to_node.get(a) for a in op.ancestors)
+                ops = [op, *(o for o in above if o is not None)]
+                self._latest[name] = max(self._own_segment(o) for o in ops)
             latest = max(latest, self._latest[name])
         return latest
 

@@ -59,7 +59,7 @@ def _fused(*ops: SimpleNamespace) -> SimpleNamespace:
 
 
 def _scheduler(*ops: SimpleNamespace) -> SimpleNamespace:
-    return SimpleNamespace(name_to_fused_node={op.get_name(): op for op in ops})
+    return SimpleNamespace(name_to_node={op.get_name(): op for op in ops})
 
 
 def test_two_layers_recompute_is_not_fused() -> None:
