@@ -190,8 +190,7 @@ class GraphCkptBackend:
         if self.compiler == "inductor" and not self.exact_rng:
             from passes.inductor_rng import seed_random_draws
 
-            with _inductor_settings(self.exact_rng):
-                seed_random_draws(jg)
+            seed_random_draws(jg)  # under __call__'s _inductor_settings, as the whole trace
         held = self.live_kept_bytes()
         made: list[Plan] = []
         partition = planning_partitioner(

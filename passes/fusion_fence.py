@@ -58,44 +58,47 @@ def mark_segments(gm: fx.GraphModule) -> int:
     return segment
 
 
-def _segment_range(scheduler_node: Any) -> tuple[int, int] | None:
-    """Lowest and highest segment of the fx nodes a scheduler node was lowered from."""
-    segments = [
-        origin.meta[SEGMENT]
-        for snode in scheduler_node.get_nodes()
-        for origin in getattr(snode.node, "origins", ()) or ()
+_Segments = tuple[int, int, int] | None
+"""Of one scheduler op: lowest and highest segment of the fx nodes it was lowered from, and the
+highest segment among those that are recompute copies (-1: none); None when none has one."""
+
+
+def _op_segments(op: Any) -> _Segments:
+    origins = [
+        origin
+        for origin in getattr(op.node, "origins", ()) or ()
         if isinstance(origin, fx.Node) and SEGMENT in origin.meta
     ]
-    return (min(segments), max(segments)) if segments else None
-
-
-def _recompute_segment(op: Any) -> int:
-    """Highest segment of the recompute copies one scheduler op was lowered from (-1: none)."""
-    return max(
-        (
-            origin.meta[SEGMENT]
-            for origin in getattr(op.node, "origins", ()) or ()
-            if isinstance(origin, fx.Node)
-            and origin.meta.get(RECOMPUTED)
-            and SEGMENT in origin.meta
-        ),
-        default=-1,
-    )
+    if not origins:
+        return None
+    segments = [o.meta[SEGMENT] for o in origins]
+    recomputed = [o.meta[SEGMENT] for o in origins if o.meta.get(RECOMPUTED)]
+    return min(segments), max(segments), max(recomputed, default=-1)
 
 
 class _Fence:
-    """The fence's view of one compile: for each scheduler op, the latest recompute segment
-    among the op and everything it depends on (what a fusion that runs it early pulls along)."""
+    """The fence's view of one compile, cached per scheduler op: its segments, and the latest
+    recompute segment among the op and everything it depends on (what a fusion that runs it
+    early pulls along)."""
 
     def __init__(self) -> None:
-        self._own: dict[str, int] = {}
+        self._segments: dict[str, _Segments] = {}
         self._latest: dict[str, int] = {}
 
-    def _own_segment(self, op: Any) -> int:
+    def _of(self, op: Any) -> _Segments:
         name = op.get_name()
-        if name not in self._own:
-            self._own[name] = _recompute_segment(op)
-        return self._own[name]
+        if name not in self._segments:
+            self._segments[name] = _op_segments(op)
+        return self._segments[name]
+
+    def _range(self, node: Any) -> tuple[int, int] | None:
+        """Lowest and highest segment of the fx nodes a (fused) scheduler node came from."""
+        known = [seg for seg in map(self._of, node.get_nodes()) if seg is not None]
+        return (min(s[0] for s in known), max(s[1] for s in known)) if known else None
+
+    def _recompute(self, op: Any) -> int:
+        seg = self._of(op)
+        return -1 if seg is None else seg[2]
 
     def _latest_recompute(self, scheduler: Any, node: Any) -> int:
         latest = -1
@@ -104,7 +107,7 @@ class _Fence:
             if name not in self._latest:
                 above = (scheduler.name_to_node.get(a) for a in op.ancestors)
                 ops = [op, *(o for o in above if o is not None)]
-                self._latest[name] = max(self._own_segment(o) for o in ops)
+                self._latest[name] = max(map(self._recompute, ops))
             latest = max(latest, self._latest[name])
         return latest
 
@@ -114,7 +117,7 @@ class _Fence:
         The fused kernel runs where the earlier of the two stood, so the later one, and what it
         depends on, moves up. Refused when that pulls a recompute copy out of a later segment.
         """
-        r1, r2 = _segment_range(node1), _segment_range(node2)
+        r1, r2 = self._range(node1), self._range(node2)
         if r1 is None or r2 is None or not (r1[1] < r2[0] or r2[1] < r1[0]):
             return False
         early, late = (r1, node2) if r1[1] < r2[0] else (r2, node1)
