@@ -57,7 +57,9 @@ def _inductor_settings(exact_rng: bool = True) -> Iterator[None]:
     ``reorder_for_peak_memory`` off: that pass moves the planner's split dropout draws
     (``bernoulli`` into a fresh buffer, no data dependence on each other) out of program order,
     so they take other numbers from the generator than eager's dropouts (measured: GPT gradients
-    off by 0.05); it would also undo the order the planner simulated the peak for.
+    off by 0.05); it would also undo the order the planner simulated the peak for. It is also
+    what gives inductor's buffer reuse the buffer sizes it needs; ``passes/inductor_reuse.py``
+    gives them instead, around each compile.
 
     ``fx_graph_cache`` off: the cache key does not see the segment fence
     (``passes/fusion_fence.py``) the backward graphs compile under, so a kernel cached from a
@@ -251,6 +253,7 @@ class GraphCkptBackend:
         from torch._inductor.compile_fx import compile_fx_inner
 
         from passes.fusion_fence import mark_segments, segment_fence
+        from passes.inductor_reuse import planning_info_for_reuse
 
         inputs = _fake_inputs(gm, example_inputs)
         with _inductor_settings(self.exact_rng):
@@ -268,7 +271,7 @@ class GraphCkptBackend:
                 seed_draws_in(gm, detect_fake_mode(inputs))
             if role == "backward":
                 mark_segments(gm)
-            with segment_fence():
+            with segment_fence(), planning_info_for_reuse():
                 return compile_fx_inner(
                     gm, inputs, is_backward=role == "backward", is_inference=role == "inference"
                 )
@@ -321,7 +324,8 @@ def backend(
 
     Only compile-time torch config is changed, each scoped to the compile call
     (``config.patch``): inductor's ``fallback_random``, ``reorder_for_peak_memory`` and
-    ``fx_graph_cache`` and its choices handler (the fence), and functorch's
+    ``fx_graph_cache``, its choices handler (the fence) and ``_post_fusion_custom_pass``
+    (buffer sizes for its buffer reuse, ``passes/inductor_reuse.py``), and functorch's
     ``enable_autograd_cache`` (off, since a cache hit would skip the planner).
 
     Args:
