@@ -66,6 +66,12 @@ def test_sweep_on_a_tiny_gpt_fits_budgets_and_matches_reference_grads(exact_rng)
             assert row["torch_peak_bytes"] <= row["measured_peak_bytes"]
             assert row["time_ratio"] > 0
     assert [p["fraction"] for p in res["torch_curve"]] == [1.0]
+    # torch at fraction 1.0 is the plain torch.compile its gradients are checked against.
+    assert res["torch_curve"][0]["grads_match"], res["torch_curve"]
+    assert res["torch_grads_reference"] == "plain torch.compile (inductor)"
+    torch_rows = [r for r in rows if r["torch_fraction"] is not None]
+    assert all(r["torch_grads_match"] for r in torch_rows)
+    assert res["torch_grads_match_at_reached_budgets"]
     assert set(res["checks"]) >= {"all_peak_within_budget", "peak_monotone_in_budget"}
     assert res["checks"]["keep_all_grads_match"] and res["checks"]["all_grads_match"]
     reference = "eager model" if exact_rng else "plain torch.compile (inductor)"
