@@ -268,6 +268,31 @@ def test_plain_graph_is_inductor_compatible() -> None:
         assert _eager_only_reason(fx.GraphModule(nn.Module(), graph)) is None
 
 
+def _forward_code(model: nn.Module, inputs) -> str:
+    """The ``call`` of the forward graph inductor generates for one training step."""
+    from torch._inductor.utils import run_and_get_code
+
+    be = graphckpt.backend(budget_gb=1.0)
+    _, codes = run_and_get_code(lambda: torch.compile(model, backend=be)(*inputs).backward())
+    forward = codes[0]
+    return forward[forward.index("def call(") :]
+
+
+def test_inductor_reuses_freed_buffers_in_the_backends_graphs(monkeypatch) -> None:
+    """With reorder_for_peak_memory off, inductor reuses buffers only when told their sizes
+    (passes/inductor_reuse.py): the backend must compile under that pass."""
+    import contextlib
+
+    import passes.inductor_reuse
+
+    model, inputs = gpt_example(n_layer=4, n_embd=32, seq=16, batch=2)
+    with_pass = _forward_code(model, inputs)
+    torch._dynamo.reset()
+    monkeypatch.setattr(passes.inductor_reuse, "planning_info_for_reuse", contextlib.nullcontext)
+    without = _forward_code(model, inputs)
+    assert with_pass.count("empty_strided") < without.count("empty_strided")
+
+
 def test_inductor_compiles_a_cnn_in_a_fresh_process() -> None:
     """Inductor's max_pool2d decomposition reads torch._inductor.lowering, which nothing has
     imported in a fresh process until inductor compiles: the backend imports it itself."""
