@@ -17,12 +17,17 @@ inductor's generator too, the like-for-like time comparison for models with drop
 masks are then those of a plain torch.compile, and its gradients are checked against a plain
 torch.compile's (inductor, default partitioner, same seed) instead of the eager model's.
 
-torch's variants draw with inductor's generator in both modes, so their gradients are checked
-against the same plain torch.compile's (``torch_grads_match`` in each budget row, and per
-fraction in ``torch_curve``). On the models with dropout they differ wherever torch's
+``--torch-eager-rng`` compiles torch's variants with inductor's ``fallback_random`` instead, so
+they draw from torch's generator in eager's order like graphckpt's default: the like-for-like
+comparison for ``exact_rng=True``, with torch's gradients checked against the eager model's.
+
+Otherwise torch's variants draw with inductor's generator (in both modes), so their gradients
+are checked against the same plain torch.compile's (``torch_grads_match`` in each budget row,
+and per fraction in ``torch_curve``). On the models with dropout they differ wherever torch's
 partitioner recomputes a dropout in backward (every fraction below 0.75 on the benchmark GPT and
 GPT-2): it draws fresh seeds there (pytorch/pytorch#190758, open), so those steps apply one mask
-in forward and differentiate another in backward.
+in forward and differentiate another in backward. On torch's generator (``--torch-eager-rng``)
+its recomputed dropouts draw again from the generator's later state, with the same effect.
 
 Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
 per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
@@ -31,9 +36,10 @@ per backend object on the model's code, hence the raised recompile limit); ``tor
 Run::
 
     python -m benchmarks.compile_sweep [--models gpt unet hf-gpt2] [--budgets 6] \
-        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng] \
+        [--repeats 5] [--min-seconds 10] [--bisect-steps 2] [--inductor-rng | --torch-eager-rng] \
         [--out benchmarks/results/compile_sweep.json (with --inductor-rng:
-               benchmarks/results/compile_sweep_inductor_rng.json)]
+               benchmarks/results/compile_sweep_inductor_rng.json, with --torch-eager-rng:
+               benchmarks/results/compile_sweep_torch_eager_rng.json)]
 """
 
 from __future__ import annotations
@@ -90,17 +96,20 @@ class TorchCurve:
         ref_grads: dict[str, torch.Tensor],
         tag: str,
         initial: Sequence[float] = INITIAL_FRACTIONS,
+        *,
+        eager_rng: bool = False,
     ) -> None:
         self.bench = bench
         self.ref_grads = ref_grads
         self.tag = tag
         self.initial = tuple(initial)
+        self.eager_rng = eager_rng
         self.variants: dict[float, Variant] = {}
 
     def get(self, fraction: float) -> Variant:
         """The compiled and measured variant at ``fraction`` (compiled on first use)."""
         if fraction not in self.variants:
-            backend = torch_inductor_backend(fraction)
+            backend = torch_inductor_backend(fraction, eager_rng=self.eager_rng)
             v = compile_variant(f"torch@{fraction:g}", self.bench, backend)
             v.fraction = fraction
             measure_variant(v, self.bench, self.ref_grads, seed=SEED)
@@ -262,6 +271,7 @@ def sweep_model(
     bisect_steps: int = 2,
     fractions: Sequence[float] = INITIAL_FRACTIONS,
     exact_rng: bool = True,
+    torch_eager_rng: bool = False,
 ) -> dict[str, Any]:
     """Run the whole compile sweep on one benchmark model; its JSON-ready result.
 
@@ -270,7 +280,16 @@ def sweep_model(
     and graphckpt's gradients (keep-all and at every budget) are checked against a plain
     ``torch.compile``'s (inductor, default partitioner, same seed: the same masks) instead of
     the eager model's.
+
+    With ``torch_eager_rng=True`` torch's variants compile with ``fallback_random`` (torch's
+    generator in eager's order, as graphckpt's ``exact_rng=True``): their forward masks equal the
+    eager model's, and their gradients are checked against the eager model's.
     """
+    if torch_eager_rng and not exact_rng:
+        raise ValueError(
+            "torch_eager_rng=True pairs torch's variants with graphckpt's exact_rng=True; "
+            "with exact_rng=False both sides should draw with inductor's generator"
+        )
     torch._dynamo.reset()
     tag = bench.name
     ref = compile_variant("eager", bench, None)
@@ -289,7 +308,8 @@ def sweep_model(
         f"[{tag}] eager peak {ref.peak_bytes / _MIB:.2f} MiB; graphckpt smallest feasible "
         f"{min_feasible / _MIB:.2f} MiB, compiled keep-all peak {top.peak_bytes / _MIB:.2f} MiB"
     )
-    curve = TorchCurve(bench, plain.grads, tag, fractions)
+    torch_ref = ref_grads if torch_eager_rng else plain.grads
+    curve = TorchCurve(bench, torch_ref, tag, fractions, eager_rng=torch_eager_rng)
     budgets = budget_points(min_feasible, max(top.peak_bytes, min_feasible), n_budgets)
     # Compile and measure everything first, then time: compiling leaves background work (and
     # the profiler a slow first call) that would land in the timings.
@@ -305,7 +325,10 @@ def sweep_model(
     return {
         "exact_rng": exact_rng,
         "grads_reference": "eager model" if exact_rng else "plain torch.compile (inductor)",
-        "torch_grads_reference": "plain torch.compile (inductor)",
+        "torch_rng": "torch's generator (fallback_random)" if torch_eager_rng else "inductor's",
+        "torch_grads_reference": (
+            "eager model" if torch_eager_rng else "plain torch.compile (inductor)"
+        ),
         "eager_peak_bytes": ref.peak_bytes,
         "graphckpt_min_feasible_bytes": min_feasible,
         "graphckpt_keep_all_peak_bytes": top.peak_bytes,
@@ -325,6 +348,7 @@ def sweep(
     fractions: Sequence[float] = INITIAL_FRACTIONS,
     out: Path | None = None,
     exact_rng: bool = True,
+    torch_eager_rng: bool = False,
 ) -> dict[str, Any]:
     """Sweep every model (by name or as a ready :class:`BenchModel`); the JSON-ready result.
 
@@ -344,6 +368,7 @@ def sweep(
                 bisect_steps=bisect_steps,
                 fractions=fractions,
                 exact_rng=exact_rng,
+                torch_eager_rng=torch_eager_rng,
             )
             result["machine"]["loadavg_at_end"] = (
                 list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -400,13 +425,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="compile graphckpt with exact_rng=False (inductor's generator, like torch's variants)",
     )
     parser.add_argument(
+        "--torch-eager-rng",
+        action="store_true",
+        help="compile torch's variants with fallback_random (torch's generator, like graphckpt's "
+        "default exact_rng=True); not with --inductor-rng",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="JSON path (default benchmarks/results/compile_sweep.json, or "
-        "compile_sweep_inductor_rng.json with --inductor-rng)",
+        "compile_sweep_inductor_rng.json with --inductor-rng, "
+        "compile_sweep_torch_eager_rng.json with --torch-eager-rng)",
     )
     args = parser.parse_args(argv)
-    default = "compile_sweep_inductor_rng.json" if args.inductor_rng else "compile_sweep.json"
+    if args.inductor_rng and args.torch_eager_rng:
+        parser.error(
+            "--torch-eager-rng pairs torch's variants with graphckpt's exact RNG; "
+            "drop --inductor-rng (or drop --torch-eager-rng to compare both on inductor's RNG)"
+        )
+    default = "compile_sweep.json"
+    if args.inductor_rng:
+        default = "compile_sweep_inductor_rng.json"
+    elif args.torch_eager_rng:
+        default = "compile_sweep_torch_eager_rng.json"
     out = Path(args.out or f"benchmarks/results/{default}")
     result = sweep(
         args.models,
@@ -416,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bisect_steps=args.bisect_steps,
         out=out,
         exact_rng=not args.inductor_rng,
+        torch_eager_rng=args.torch_eager_rng,
     )
     print(summary_table(result))
     print()

@@ -49,12 +49,16 @@ class Variant:
     grads_max_abs_diff: float | None = None
 
 
-def torch_inductor_backend(fraction: float) -> Callable[..., Any]:
+def torch_inductor_backend(fraction: float, *, eager_rng: bool = False) -> Callable[..., Any]:
     """torch.compile's inductor backend with ``activation_memory_budget=fraction``.
 
     The functorch config is patched only for the compile call (the partitioner reads it
     there), and AOTAutograd's cache is off so each fraction is partitioned afresh. Each call
     returns a new backend object, so Dynamo keeps one cache entry per fraction.
+
+    ``eager_rng=True`` also sets inductor's ``fallback_random`` for the compile: random ops
+    draw from torch's generator in eager's order, as ``graphckpt.backend(exact_rng=True)``
+    does, so the forward's dropout masks equal the eager model's.
 
     Example:
         >>> backend = torch_inductor_backend(0.5)  # torch.compile(model, backend=backend)
@@ -65,7 +69,9 @@ def torch_inductor_backend(fraction: float) -> Callable[..., Any]:
         from torch._inductor.compile_fx import compile_fx
 
         with functorch_config.patch(activation_memory_budget=fraction, enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs)
+            # config_patches, not a patch around the call: they also cover the backward graph,
+            # which AOTAutograd compiles lazily, at the first backward.
+            return compile_fx(gm, example_inputs, config_patches={"fallback_random": eager_rng})
 
     return inductor_at_fraction
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.compile_sweep import TorchCurve, summary_table, sweep
+from benchmarks.compile_sweep import TorchCurve, main, summary_table, sweep, sweep_model
 from benchmarks.compile_variants import Variant
 from benchmarks.models import bench_gpt
 
@@ -77,3 +77,13 @@ def test_sweep_on_a_tiny_gpt_fits_budgets_and_matches_reference_grads(exact_rng)
     reference = "eager model" if exact_rng else "plain torch.compile (inductor)"
     assert res["grads_reference"] == reference
     assert "gpt" in summary_table(result)
+
+
+def test_torch_on_eager_rng_pairs_only_with_graphckpts_exact_rng() -> None:
+    """Eager RNG on torch's side against inductor's on graphckpt's compares unlike masks: refused
+    before anything compiles, from Python and from the command line."""
+    bench = bench_gpt(batch=1, seq=8, n_layer=1, n_embd=16)
+    with pytest.raises(ValueError, match="exact_rng=True"):
+        sweep_model(bench, exact_rng=False, torch_eager_rng=True)
+    with pytest.raises(SystemExit):
+        main(["--inductor-rng", "--torch-eager-rng", "--models", "gpt"])
