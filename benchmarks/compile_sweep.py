@@ -63,117 +63,22 @@ from benchmarks.compile_variants import (
     compile_variant,
     graphckpt_min_feasible,
     measure_variant,
-    torch_inductor_backend,
 )
 from benchmarks.measure import add_min_seconds_argument, paired_ratio, time_step_samples
 from benchmarks.models import BENCH_MODEL_NAMES, BenchModel, bench_model
 from benchmarks.planner_sweep import budget_points, machine_info
+from benchmarks.torch_curve import INITIAL_FRACTIONS, TorchCurve
 
-__all__ = ["TorchCurve", "main", "summary_table", "sweep", "sweep_model"]
+__all__ = ["main", "summary_table", "sweep", "sweep_model"]
 
 SEED = 0
 HUGE_BUDGET_GB = 1024.0
 """A budget no benchmark model reaches: graphckpt keeps every activation."""
-INITIAL_FRACTIONS: tuple[float, ...] = (0.0, 0.5, 1.0)
 _MIB = 2**20
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-class TorchCurve:
-    """torch.compile's measured peak per ``activation_memory_budget`` fraction, compiled lazily.
-
-    ``variants`` maps each fraction tried to its compiled :class:`Variant`; the points are the
-    curve the JSON records (not monotone in general). ``ref_grads`` are a plain torch.compile's
-    gradients (same seed, so the same dropout masks), which each fraction's are checked against.
-    """
-
-    def __init__(
-        self,
-        bench: BenchModel,
-        ref_grads: dict[str, torch.Tensor],
-        tag: str,
-        initial: Sequence[float] = INITIAL_FRACTIONS,
-        *,
-        eager_rng: bool = False,
-    ) -> None:
-        self.bench = bench
-        self.ref_grads = ref_grads
-        self.tag = tag
-        self.initial = tuple(initial)
-        self.eager_rng = eager_rng
-        self.variants: dict[float, Variant] = {}
-
-    def get(self, fraction: float) -> Variant:
-        """The compiled and measured variant at ``fraction`` (compiled on first use)."""
-        if fraction not in self.variants:
-            backend = torch_inductor_backend(fraction, eager_rng=self.eager_rng)
-            v = compile_variant(f"torch@{fraction:g}", self.bench, backend)
-            v.fraction = fraction
-            measure_variant(v, self.bench, self.ref_grads, seed=SEED)
-            self.variants[fraction] = v
-            _log(
-                f"[{self.tag}] torch fraction {fraction:g}: peak {v.peak_bytes / _MIB:.2f} MiB, "
-                f"grads {'ok' if v.grads_match else 'DIFFER'} (compiled in {v.compile_s:.0f} s)"
-            )
-        return self.variants[fraction]
-
-    def fitting(self, budget: int) -> list[float]:
-        """Fractions tried so far whose measured peak is at or below ``budget``."""
-        return [f for f, v in self.variants.items() if v.peak_bytes <= budget]
-
-    def tune(self, budget: int, bisect_steps: int) -> Variant | None:
-        """The variant whose peak is the highest at or below ``budget``, after bisecting.
-
-        Each step tries the midpoint between the largest fitting fraction and the next larger
-        one tried, or, while none fits, between the lowest-peak fraction and its lower
-        neighbour. The curve is not monotone, so this finds a fitting point, not necessarily the
-        best one. None when no fraction tried fits.
-        """
-        for f in self.initial:
-            self.get(f)
-        for _ in range(bisect_steps):
-            mid = self._next_fraction(budget)
-            if mid is None:
-                break
-            self.get(mid)
-        fits = self.fitting(budget)
-        if not fits:
-            return None
-        best = max(fits, key=lambda f: (self.variants[f].peak_bytes, f))
-        return self.variants[best]
-
-    def _next_fraction(self, budget: int) -> float | None:
-        fits = self.fitting(budget)
-        tried = sorted(self.variants)
-        if fits:
-            lo = max(fits)
-            above = [f for f in tried if f > lo]
-            pair = (lo, above[0]) if above else None
-        else:
-            lowest = min(tried, key=lambda f: self.variants[f].peak_bytes)
-            below = [f for f in tried if f < lowest]
-            above = [f for f in tried if f > lowest]
-            pair = (below[-1], lowest) if below else ((lowest, above[0]) if above else None)
-        if pair is None:
-            return None
-        mid = round((pair[0] + pair[1]) / 2, 4)
-        return None if mid in self.variants else mid
-
-    def points(self) -> list[dict[str, Any]]:
-        """The curve: fraction, measured peak, compile seconds and gradient check, by fraction."""
-        return [
-            {
-                "fraction": f,
-                "peak_bytes": v.peak_bytes,
-                "compile_s": v.compile_s,
-                "grads_match": v.grads_match,
-                "grads_max_abs_diff": v.grads_max_abs_diff,
-            }
-            for f, v in sorted(self.variants.items())
-        ]
 
 
 def _is_monotone(peaks: Sequence[int]) -> bool:
@@ -309,7 +214,7 @@ def sweep_model(
         f"{min_feasible / _MIB:.2f} MiB, compiled keep-all peak {top.peak_bytes / _MIB:.2f} MiB"
     )
     torch_ref = ref_grads if torch_eager_rng else plain.grads
-    curve = TorchCurve(bench, torch_ref, tag, fractions, eager_rng=torch_eager_rng)
+    curve = TorchCurve(bench, torch_ref, tag, fractions, eager_rng=torch_eager_rng, seed=SEED)
     budgets = budget_points(min_feasible, max(top.peak_bytes, min_feasible), n_budgets)
     # Compile and measure everything first, then time: compiling leaves background work (and
     # the profiler a slow first call) that would land in the timings.
