@@ -258,8 +258,10 @@ class GraphCkptBackend:
         inputs = _fake_inputs(gm, example_inputs)
         with _inductor_settings(self.exact_rng):
             if self.exact_rng:
+                from passes.inductor_dropout import merge_dropout
                 from passes.inductor_rng import keep_unread_draws
 
+                merge_dropout(gm)
                 keep_unread_draws(gm)
             else:
                 # Training graphs had their random ops seeded before planning (_partition);

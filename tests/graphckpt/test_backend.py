@@ -268,11 +268,11 @@ def test_plain_graph_is_inductor_compatible() -> None:
         assert _eager_only_reason(fx.GraphModule(nn.Module(), graph)) is None
 
 
-def _forward_code(model: nn.Module, inputs) -> str:
+def _forward_code(model: nn.Module, inputs, budget_gb: float = 1.0) -> str:
     """The ``call`` of the forward graph inductor generates for one training step."""
     from torch._inductor.utils import run_and_get_code
 
-    be = graphckpt.backend(budget_gb=1.0)
+    be = graphckpt.backend(budget_gb=budget_gb)
     _, codes = run_and_get_code(lambda: torch.compile(model, backend=be)(*inputs).backward())
     forward = codes[0]
     return forward[forward.index("def call(") :]
@@ -291,6 +291,27 @@ def test_inductor_reuses_freed_buffers_in_the_backends_graphs(monkeypatch) -> No
     monkeypatch.setattr(passes.inductor_reuse, "planning_info_for_reuse", contextlib.nullcontext)
     without = _forward_code(model, inputs)
     assert with_pass.count("empty_strided") < without.count("empty_strided")
+
+
+def test_exact_rng_forward_runs_each_dropout_as_one_native_dropout(monkeypatch) -> None:
+    """With exact_rng, a dropout the forward draws and applies itself compiles as one
+    native_dropout fallback, not bernoulli plus multiplies inlined into every reader
+    (passes/inductor_dropout.py; 15% of Hugging Face GPT-2's step)."""
+    import passes.inductor_dropout
+
+    model, inputs = gpt_example(n_layer=2, n_embd=32, seq=16, batch=2)
+    # Near the smallest feasible budget the plan keeps each dropout's 1-byte mask, and the forward
+    # draws and applies every dropout itself (with room to spare it may keep a draw instead).
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as failed:
+        torch.compile(model, backend=graphckpt.backend(1e-6))(*inputs)
+    budget_gb = failed.value.inner_exception.min_feasible_bytes * 1.02 / 2**30
+    torch._dynamo.reset()
+    merged = _forward_code(model, inputs, budget_gb)
+    torch._dynamo.reset()
+    monkeypatch.setattr(passes.inductor_dropout, "merge_dropout", lambda gm: 0)
+    split = _forward_code(model, inputs, budget_gb)
+    assert "aten.native_dropout.default(" in merged and "bernoulli_" not in merged
+    assert "aten.native_dropout.default(" not in split and "bernoulli_" in split
 
 
 def test_inductor_compiles_a_cnn_in_a_fresh_process() -> None:
