@@ -298,9 +298,10 @@ def backend(
     plans the decomposed graph) and inductor compiles the rewritten forward and backward graphs,
     with ``torch._inductor.config.fallback_random=True`` scoped to each compile so random ops
     keep torch's generator (and its replay); a random op whose result nothing reads still
-    draws, as in eager (``passes.inductor_rng.keep_unread_draws``). A graph that offloads to
-    host memory calls Python methods inductor cannot lower: it runs as eager fx code, with a
-    warning.
+    draws, as in eager (``passes.inductor_rng.keep_unread_draws``), and a dropout the graph
+    draws and applies itself runs as one ``native_dropout`` (``passes.inductor_dropout``). A
+    graph that offloads to host memory calls Python methods inductor cannot lower: it runs as
+    eager fx code, with a warning.
     ``compiler="eager"`` runs every rewritten graph as eager fx code, like ``auto_checkpoint``.
 
     ``exact_rng=False`` (inductor only) lets inductor draw random numbers its own way, fused into
