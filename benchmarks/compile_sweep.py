@@ -27,7 +27,7 @@ and per fraction in ``torch_curve``). On the models with dropout they differ whe
 partitioner recomputes a dropout in backward (every fraction below 0.75 on the benchmark GPT and
 GPT-2): it draws fresh seeds there (pytorch/pytorch#190758, open), so those steps apply one mask
 in forward and differentiate another in backward. On torch's generator (``--torch-eager-rng``)
-its recomputed dropouts draw again from the generator's later state, with the same effect.
+they differ too, as measured at every fraction up to 0.75 on the benchmark GPT and GPT-2.
 
 Every compiled variant stays cached for the model's whole sweep (Dynamo keeps one cache entry
 per backend object on the model's code, hence the raised recompile limit); ``torch._dynamo
@@ -201,11 +201,15 @@ def sweep_model(
     measure_variant(ref, bench, None, seed=SEED)
     ref_grads = ref.grads
     min_feasible = graphckpt_min_feasible(bench, exact_rng=exact_rng)
-    # A plain torch.compile (inductor's generator, default partitioner): the reference for
-    # torch's variants, and for graphckpt's when it draws with inductor's generator too.
-    plain = compile_variant("torch.compile", bench, "inductor")
-    measure_variant(plain, bench, None, seed=SEED)
-    ours_ref = ref_grads if exact_rng else plain.grads
+    if torch_eager_rng:
+        torch_ref = ref_grads  # both sides draw eager's masks (exact_rng holds, checked above)
+    else:
+        # A plain torch.compile (inductor's generator, default partitioner): the reference for
+        # torch's variants, and for graphckpt's when it draws with inductor's generator too.
+        plain = compile_variant("torch.compile", bench, "inductor")
+        measure_variant(plain, bench, None, seed=SEED)
+        torch_ref = plain.grads
+    ours_ref = ref_grads if exact_rng else torch_ref
     top_backend = graphckpt.backend(budget_gb=HUGE_BUDGET_GB, exact_rng=exact_rng)
     top = compile_variant("graphckpt@keep-all", bench, top_backend)
     measure_variant(top, bench, ours_ref, seed=SEED)
@@ -213,7 +217,6 @@ def sweep_model(
         f"[{tag}] eager peak {ref.peak_bytes / _MIB:.2f} MiB; graphckpt smallest feasible "
         f"{min_feasible / _MIB:.2f} MiB, compiled keep-all peak {top.peak_bytes / _MIB:.2f} MiB"
     )
-    torch_ref = ref_grads if torch_eager_rng else plain.grads
     curve = TorchCurve(bench, torch_ref, tag, fractions, eager_rng=torch_eager_rng, seed=SEED)
     budgets = budget_points(min_feasible, max(top.peak_bytes, min_feasible), n_budgets)
     # Compile and measure everything first, then time: compiling leaves background work (and

@@ -7,9 +7,10 @@ from the split under inductor with torch's generator (``exact_rng=True``): ``ber
 fallback kernel writing a 4-byte draw, and inductor inlines the two multiplies into every consumer
 loop (a layer norm's reductions read the draw again in each of its loops). One ``native_dropout``
 fallback computes output and mask in one pass, as a plain ``torch.compile`` with
-``fallback_random`` runs it. Measured on Hugging Face GPT-2 at a 116 MiB budget: 161 ms per step
-split, 131 ms merged, torch 129 ms. The merge is exact: the split is bitwise ``native_dropout``
-(draws, mask, output and generator state afterwards; ``tests/passes/test_decompose.py``).
+``fallback_random`` runs it. Measured on Hugging Face GPT-2 at a 116 MiB budget, the same plan
+and peak, paired in one run: 166 ms per step split, 141 ms merged. The merge is exact: the
+split is bitwise ``native_dropout`` (draws, mask, output and generator state afterwards;
+``tests/passes/test_decompose.py``).
 
 A draw that backward replays (``run_and_save_rng_state``) or a chain whose pieces are read
 elsewhere (the draw itself, or the unscaled product) is left split.
