@@ -110,7 +110,8 @@ def _mismatched_plans(rank: int) -> None:
     compiled = torch.compile(model, backend=graphckpt.backend(budget, compiler="eager"))
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as compile_failed:
         compiled(*inputs)
-    assert isinstance(compile_failed.value.inner_exception, PlanMismatchError)
+    inner = compile_failed.value.inner_exception
+    assert isinstance(inner, PlanMismatchError), f"rank {rank}: {type(inner).__name__}: {inner}"
 
     # Checking can be turned off, for ranks that plan different models.
     graphckpt.auto_checkpoint(model, budget, example_inputs=inputs, check_plans=False)
