@@ -170,6 +170,15 @@ class PlanConfig:
     keeping its output costs a write in forward that fusion would have saved; the cost model
     prices both (``passes/cost.py``). None: automatic, True under ``graphckpt.backend`` with
     ``compiler="inductor"``, False for ``auto_checkpoint`` (eager fx graphs)."""
+    measure_op_seconds: bool = False
+    """Time each forward op on this CPU and price it at the larger of its roofline and its
+    measured time (``passes/op_seconds.py``; about a second on the benchmark models). Some
+    kernels run far below the roofline (CPU max pooling, about 9x), so a plan that recomputes
+    them is slower than the roofline says. Only for a model on this CPU, planned for a CPU and
+    run eagerly (``auto_checkpoint``); ignored with a warning elsewhere. Off by default: timings
+    vary from run to run, and so can plans near a tie and the smallest feasible budget an
+    error states. Under a multi-rank ``torch.distributed`` job the ranks would time
+    differently and make different plans."""
     recompute_random: bool = True
     """Whether backward may recompute random ops (dropout's draw), replaying the generator state
     forward used. False where the compiler draws random numbers its own way, which no replay
@@ -185,7 +194,7 @@ class PlanConfig:
             raise TypeError(
                 f"PlanConfig.fused_pointwise must be a bool or None, got {self.fused_pointwise!r}"
             )
-        for name in ("allow_recompute", "check_plans", "recompute_random"):
+        for name in ("allow_recompute", "check_plans", "recompute_random", "measure_op_seconds"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PlanConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.allow_offload is not None and not isinstance(self.allow_offload, bool):

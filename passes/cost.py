@@ -2,9 +2,10 @@
 
 For each node: the bytes its output allocates (0 for views), the FLOPs it performs
 (FlopCounterMode's formulas, plus graphckpt's for ops it misses), and its estimated seconds on the
-target device from a roofline that charges memory traffic as well as FLOPs, and, when asked,
-the scratch memory its kernel allocates and frees while it runs (measured on this CPU by
-``passes/scratch.py``). Reads ``val``; writes nothing.
+target device from a roofline that charges memory traffic as well as FLOPs (or, when asked, the
+time its kernel was measured to take on this CPU where that is longer: ``passes/op_seconds.py``),
+and, when asked, the scratch memory its kernel allocates and frees while it runs (measured on
+this CPU by ``passes/scratch.py``). Reads ``val``; writes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from graphckpt.flops import flop_formulas
 from graphckpt.options import DeviceSpec
 from passes.meta import is_random, is_seeded_draw, is_view, node_val, tensor_bytes
+from passes.op_seconds import measure_op_seconds
 from passes.scratch import measure_scratch_bytes
 
 __all__ = ["NodeCost", "estimate_costs", "node_flops"]
@@ -173,6 +175,7 @@ def estimate_costs(
     device: DeviceSpec,
     *,
     measure_scratch: bool = False,
+    measure_seconds: bool = False,
     fused_pointwise: bool = False,
     backward: Iterable[fx.Node] = (),
 ) -> dict[fx.Node, NodeCost]:
@@ -193,11 +196,18 @@ def estimate_costs(
     their transient bytes recorded; without it (planning for CUDA, or a meta model) every
     ``scratch_bytes`` is 0.
 
+    With ``measure_seconds`` each distinct forward op (not in ``backward``) is timed alone on
+    this CPU (``passes.op_seconds``) and priced at the larger of its roofline and its measured
+    time: the roofline is a lower bound, and some kernels (CPU max pooling) run far below it.
+    Ignored with ``fused_pointwise``: inductor runs kernels of its own, not the ones timed.
+
     Args:
         nodes: the nodes to price (usually a joint graph's forward and backward).
         device: the target device's roofline numbers.
         measure_scratch: measure kernel scratch memory on this CPU (only right when the model
             runs on this CPU).
+        measure_seconds: time the forward ops on this CPU (only right when the model runs on
+            this CPU and the rewritten graphs run eagerly).
         fused_pointwise: price fusible ops as a fusing compiler (inductor) runs them.
         backward: the joint graph's backward nodes (read with ``fused_pointwise``).
 
@@ -214,6 +224,9 @@ def estimate_costs(
     fusible = _fusible_ops() if fused_pointwise else None
     in_backward = set(backward)
     scratch = measure_scratch_bytes(nodes) if measure_scratch else {}
+    timed: dict[fx.Node, float] = {}
+    if measure_seconds and not fused_pointwise:
+        timed = measure_op_seconds(n for n in nodes if n not in in_backward)
     costs: dict[fx.Node, NodeCost] = {}
     for node in nodes:
         if node.target is operator.getitem or is_view(node) or node.op != "call_function":
@@ -226,6 +239,7 @@ def estimate_costs(
             _moved_bytes(node) / device.bytes_per_s,
             _drawn_elements(node) / device.random_elements_per_s if random else 0.0,
         )
+        seconds = max(seconds, timed.get(node, 0.0))
         keep_seconds = 0.0
         if fusible is not None and fusible(node):
             seconds, keep_seconds = _fused_costs(node, fusible, device, in_backward)

@@ -12,6 +12,7 @@ fits, and gives the smallest feasible peak. Returns a Plan; mutates nothing.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,14 +104,20 @@ def _map_policy(sg: StepGraph, policy: Policy, rep: list[int], seg: list[int]) -
 
 
 def build_search(
-    jg: JointGraph, config: PlanConfig, spec: DeviceSpec, *, measure_scratch: bool = False
+    jg: JointGraph,
+    config: PlanConfig,
+    spec: DeviceSpec,
+    *,
+    measure_scratch: bool = False,
+    measure_seconds: bool = False,
 ) -> PlanSearch:
     """Index the graph, find its layers and solve each distinct layer's min-cut once.
 
     ``measure_scratch`` prices kernel scratch memory by running those ops on this CPU
-    (``passes/scratch.py``); only right when the model runs on this CPU.
+    (``passes/scratch.py``), ``measure_seconds`` times the forward ops there
+    (``passes/op_seconds.py``); both only right when the model runs on this CPU.
     """
-    search = _solve_segments(jg, config, spec, measure_scratch)
+    search = _solve_segments(jg, config, spec, measure_scratch, measure_seconds)
     if config.offload_allowed(spec):
         search.link_bytes_per_s = spec.host_link_bytes_per_s
         search.min_offload_bytes = config.min_offload_bytes
@@ -118,13 +125,14 @@ def build_search(
 
 
 def _solve_segments(
-    jg: JointGraph, config: PlanConfig, spec: DeviceSpec, measure_scratch: bool
+    jg: JointGraph, config: PlanConfig, spec: DeviceSpec, measure_scratch: bool, measure_s: bool
 ) -> PlanSearch:
     nodes = [*jg.primals, *jg.forward, *jg.tangents, *jg.backward]
     costs = estimate_costs(
         nodes,
         spec,
         measure_scratch=measure_scratch,
+        measure_seconds=measure_s,
         fused_pointwise=bool(config.fused_pointwise),
         backward=jg.backward,
     )
@@ -364,6 +372,21 @@ def _plan_milp(
     return _to_plan(search, jg, found.saved, set(), sim, bounds, spec, start, config)
 
 
+def _measures_op_seconds(config: PlanConfig, device: torch.device, spec: DeviceSpec) -> bool:
+    """Whether to time forward ops on this CPU (``PlanConfig.measure_op_seconds``)."""
+    if not config.measure_op_seconds:
+        return False
+    if device.type == "cpu" and spec.type == "cpu" and not config.fused_pointwise:
+        return True
+    warnings.warn(
+        "PlanConfig.measure_op_seconds=True is ignored: op times are measured only for a "
+        f"model on this CPU planned for a CPU and run eagerly (device {device.type}, "
+        f"planned for {spec.type}, fused_pointwise={config.fused_pointwise})",
+        stacklevel=3,
+    )
+    return False
+
+
 def plan_pass(
     jg: JointGraph,
     budget_bytes: int,
@@ -381,7 +404,9 @@ def plan_pass(
         device: where the model runs (selects the cost preset when config.device is None).
         measure_scratch: price kernel scratch memory (``passes/scratch.py``); None: when the
             model is on this CPU and planned for a CPU. False gives the scratch-free memory
-            model the MILP (``passes/milp.py``) uses.
+            model the MILP (``passes/milp.py``) uses, and no op timing either (the costs then
+            depend only on the graph and the DeviceSpec; ``PlanConfig.measure_op_seconds``
+            decides the timing otherwise).
 
     Returns:
         The cheapest plan found whose simulated peak fits the budget.
@@ -395,7 +420,10 @@ def plan_pass(
     # (not for CUDA from here, not a meta model, whose shapes may not fit in memory).
     if measure_scratch is None:
         measure_scratch = device.type == "cpu" and spec.type == "cpu"
-    search = build_search(jg, config, spec, measure_scratch=measure_scratch)
+    measure_seconds = measure_scratch and _measures_op_seconds(config, device, spec)
+    search = build_search(
+        jg, config, spec, measure_scratch=measure_scratch, measure_seconds=measure_seconds
+    )
     if config.solver == "milp":
         return _plan_milp(search, jg, budget_bytes, config, spec, start)
     states = greedy_sequence(search)

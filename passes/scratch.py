@@ -4,10 +4,10 @@ Some CPU kernels allocate more than their outputs while they run: oneDNN convolu
 and backward) reorder their operands into temporary buffers, batch-norm backward and
 ``mse_loss`` make input-sized temporaries. A dispatch-mode tracker and the fake tensors of the
 graph cannot see this memory; the CPU allocator does. This module runs each such op once on
-random real tensors of the node's recorded shapes, strides and dtypes under
-:func:`graphckpt.allocator.cpu_allocator_peak`, and reports the op's peak above what its outputs
-hold when it returns. Measured on the CPU running the planner, so only meaningful when the model
-runs on this CPU; callers pass nothing here when planning for CUDA or for meta models.
+random real tensors of the node's recorded shapes, strides and dtypes (``passes/real_run.py``)
+under :func:`graphckpt.allocator.cpu_allocator_peak`, and reports the op's peak above what its
+outputs hold when it returns. Measured on the CPU running the planner, so only meaningful when
+the model runs on this CPU; callers pass nothing here when planning for CUDA or for meta models.
 Reads ``val``; writes nothing.
 """
 
@@ -19,11 +19,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_map
 
 from graphckpt.allocator import cpu_allocator_peak
-from passes.meta import node_val
+from passes.real_run import node_key, real_inputs, real_mode
 
 __all__ = ["SCRATCH_OPS", "measure_scratch_bytes"]
 
@@ -46,67 +44,12 @@ bytes beyond its outputs on a (2, 9) input; dropout backward turns its mask into
 input-sized temporary (65,548 bytes beyond its output on a (64, 256) float input)."""
 
 
-def _describe(value: Any) -> Hashable:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
-    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)):
-        return value
-    return repr(value)
-
-
-def _node_key(node: fx.Node) -> Hashable:
-    """What the op's allocations depend on: the op, tensor shapes/strides/dtypes, other args."""
-
-    def val(a: Any) -> Any:
-        return node_val(a) if isinstance(a, fx.Node) else a
-
-    return (
-        node.target,
-        _describe(tree_map(val, node.args)),
-        _describe(tuple(sorted(tree_map(val, dict(node.kwargs)).items()))),
-    )
-
-
-def _real(value: Any, generator: torch.Generator) -> Any:
-    """A CPU tensor with ``value``'s shape, strides and dtype, filled with random numbers.
-
-    Filled through a flat storage, then strided: expanded tensors (stride 0) overlap, and
-    in-place fills refuse those.
-    """
-    if not isinstance(value, torch.Tensor):
-        return value
-    shape, stride = tuple(value.shape), tuple(value.stride())
-    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-    flat = torch.empty(span, dtype=value.dtype, device="cpu")
-    if flat.is_floating_point():
-        flat.normal_(generator=generator)
-    else:
-        flat.zero_()
-    return flat.as_strided(shape, stride)
-
-
 def _measure(node: fx.Node, generator: torch.Generator) -> int:
-    """Run ``node``'s op once under the allocator; the bytes it allocated and freed again.
-
-    Planning runs inside torch.compile, under AOTAutograd's fake tensor mode; every mode is
-    suspended here, or the "real" tensors would be fake and allocate nothing. So is autocast
-    (the user's step may run under it): the graph's ops already carry their dtypes.
-    """
-    with _disable_current_modes(), torch.autocast("cpu", enabled=False):
-        return _measure_real(node, generator)
-
-
-def _measure_real(node: fx.Node, generator: torch.Generator) -> int:
-    def real(a: Any) -> Any:
-        return _real(node_val(a), generator) if isinstance(a, fx.Node) else a
-
-    args = tree_map(real, node.args)
-    kwargs = tree_map(real, dict(node.kwargs))
+    """Run ``node``'s op once under the allocator; the bytes it allocated and freed again."""
     op: Any = node.target
     held: list[Any] = []
-    with torch.no_grad():
+    with real_mode():
+        args, kwargs = real_inputs(node, generator)
         peak = cpu_allocator_peak(lambda: held.append(op(*args, **kwargs)))
     # What is still allocated at the end is the op's outputs (which the cost model charges
     # already) and any one-time state a first call leaves (oneDNN's primitive cache); the rest
@@ -144,7 +87,7 @@ def measure_scratch_bytes(nodes: Iterable[fx.Node]) -> dict[fx.Node, int]:
     for node in nodes:
         if node.op != "call_function" or node.target not in SCRATCH_OPS:
             continue
-        key = _node_key(node)
+        key = node_key(node)
         if key not in cache:
             try:
                 cache[key] = _measure(node, generator)
