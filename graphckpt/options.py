@@ -173,7 +173,7 @@ class PlanConfig:
     measure_op_seconds: bool = False
     """Time each forward op on this CPU and price it at the larger of its roofline and its
     measured time (``passes/op_seconds.py``; about a second on the benchmark models). Some
-    kernels run far below the roofline (CPU max pooling, about 9x), so a plan that recomputes
+    kernels run far below the roofline (CPU max pooling, about 8x), so a plan that recomputes
     them is slower than the roofline says. Only for a model on this CPU, planned for a CPU and
     run eagerly (``auto_checkpoint``); ignored with a warning elsewhere. Off by default: timings
     vary from run to run, and so can plans near a tie and the smallest feasible budget an

@@ -3,10 +3,11 @@
 The roofline (``passes/cost.py``) prices an op at the device's peak matmul rate or memory
 bandwidth, whichever binds: a lower bound on its time. Some CPU kernels run far slower than
 that. On the benchmark U-Net, ``max_pool2d_with_indices`` of an (8, 16, 64, 64) input took
-1.5 ms where the roofline says 0.17 ms, and the planner chose to recompute it as the cheapest
-way to free 1.5 MiB; the step ran 3% slower than recomputing a whole layer. So when the
-rewritten graphs run eagerly on this CPU, each distinct forward op is run alone on random
-tensors of its shapes (``passes/real_run.py``), and the cost model takes the larger of the two.
+1.5 ms alone on a quiet machine, where the roofline says 0.19 ms, and the planner chose to
+recompute it as the cheapest way to free 1.5 MiB; the step then ran 1-3% slower than
+recomputing a whole layer. So, when asked (``PlanConfig.measure_op_seconds``) and the rewritten
+graphs run eagerly on this CPU, each distinct forward op is run alone on random tensors of its
+shapes (``passes/real_run.py``), and the cost model takes the larger of the two.
 Reads ``val``; writes nothing.
 """
 
