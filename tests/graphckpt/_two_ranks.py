@@ -36,7 +36,9 @@ def _entry(
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=2,
-        timeout=datetime.timedelta(seconds=30),
+        # Under load one rank may compile for over 30 s while the other waits in a collective
+        # (seen twice: the mismatched-plans test failed with a gloo send timeout at 30 s).
+        timeout=datetime.timedelta(seconds=60),
     )
     body(rank, *args)
     # Both ranks finish their collectives before either tears the group down; tearing down
