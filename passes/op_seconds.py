@@ -24,10 +24,11 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from graphckpt.options import DeviceSpec, PlanConfig
 from passes.meta import is_random, is_seeded_draw, is_view, node_val
 from passes.real_run import node_key, real_inputs, real_mode
 
-__all__ = ["measurable", "measure_op_seconds"]
+__all__ = ["measurable", "measure_op_seconds", "measures_op_seconds"]
 
 
 def measurable(node: fx.Node) -> bool:
@@ -122,3 +123,18 @@ def measure_op_seconds(
         if value is not None:
             seconds[node] = value
     return seconds
+
+
+def measures_op_seconds(config: PlanConfig, device: torch.device, spec: DeviceSpec) -> bool:
+    """Whether to time forward ops on this CPU (``PlanConfig.measure_op_seconds``)."""
+    if not config.measure_op_seconds:
+        return False
+    if device.type == "cpu" and spec.type == "cpu" and not config.fused_pointwise:
+        return True
+    warnings.warn(
+        "PlanConfig.measure_op_seconds=True is ignored: op times are measured only for a "
+        f"model on this CPU planned for a CPU and run eagerly (device {device.type}, "
+        f"planned for {spec.type}, fused_pointwise={config.fused_pointwise})",
+        stacklevel=3,
+    )
+    return False

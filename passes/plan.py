@@ -12,7 +12,6 @@ fits, and gives the smallest feasible peak. Returns a Plan; mutates nothing.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from passes.layers import Segment, find_segments
 from passes.milp import milp_min_peak, solve_milp
 from passes.mincut import Policy, segment_policies
 from passes.offload_plan import hidden_offload_prefix
+from passes.op_seconds import measures_op_seconds
 from passes.refine import Refined, lowest_peak, refine
 from passes.simulate import FORWARD, Simulation, StepGraph, read_in_backward, simulate
 from passes.trace import JointGraph
@@ -372,21 +372,6 @@ def _plan_milp(
     return _to_plan(search, jg, found.saved, set(), sim, bounds, spec, start, config)
 
 
-def _measures_op_seconds(config: PlanConfig, device: torch.device, spec: DeviceSpec) -> bool:
-    """Whether to time forward ops on this CPU (``PlanConfig.measure_op_seconds``)."""
-    if not config.measure_op_seconds:
-        return False
-    if device.type == "cpu" and spec.type == "cpu" and not config.fused_pointwise:
-        return True
-    warnings.warn(
-        "PlanConfig.measure_op_seconds=True is ignored: op times are measured only for a "
-        f"model on this CPU planned for a CPU and run eagerly (device {device.type}, "
-        f"planned for {spec.type}, fused_pointwise={config.fused_pointwise})",
-        stacklevel=3,
-    )
-    return False
-
-
 def plan_pass(
     jg: JointGraph,
     budget_bytes: int,
@@ -420,7 +405,7 @@ def plan_pass(
     # (not for CUDA from here, not a meta model, whose shapes may not fit in memory).
     if measure_scratch is None:
         measure_scratch = device.type == "cpu" and spec.type == "cpu"
-    measure_seconds = measure_scratch and _measures_op_seconds(config, device, spec)
+    measure_seconds = measure_scratch and measures_op_seconds(config, device, spec)
     search = build_search(
         jg, config, spec, measure_scratch=measure_scratch, measure_seconds=measure_seconds
     )

@@ -12,8 +12,7 @@ from torch import nn
 
 from graphckpt.options import DeviceSpec, PlanConfig
 from passes.cost import estimate_costs
-from passes.op_seconds import measurable, measure_op_seconds
-from passes.plan import _measures_op_seconds
+from passes.op_seconds import measurable, measure_op_seconds, measures_op_seconds
 from passes.trace import capture_joint_graphs
 
 _POOL = torch.ops.aten.max_pool2d_with_indices.default
@@ -95,17 +94,17 @@ def test_measured_prices_are_never_below_the_roofline_and_raise_slow_kernels() -
 def test_timing_is_asked_for_and_only_taken_for_an_eager_cpu_plan() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     spec, on = DeviceSpec(), PlanConfig(measure_op_seconds=True)
-    assert not _measures_op_seconds(PlanConfig(), cpu, spec)
+    assert not measures_op_seconds(PlanConfig(), cpu, spec)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _measures_op_seconds(on, cpu, spec)
+        assert measures_op_seconds(on, cpu, spec)
     for device, target, config in [
         (cuda, spec, on),
         (cpu, DeviceSpec.preset("cuda"), on),
         (cpu, spec, dataclasses.replace(on, fused_pointwise=True)),
     ]:
         with pytest.warns(UserWarning, match="measure_op_seconds=True is ignored"):
-            assert not _measures_op_seconds(config, device, target)
+            assert not measures_op_seconds(config, device, target)
 
 
 def test_measure_op_seconds_must_be_a_bool() -> None:
