@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,30 +128,66 @@ def _raise_on_mismatch(summaries: list[PlanSummary], ranks: list[int]) -> None:
     )
 
 
-def _wait_for_all_ranks(group: Any, timeout_s: float) -> None:
-    """Bounded barrier: raises PlanAgreementTimeoutError instead of waiting forever."""
-    if "gloo" not in str(dist.get_backend(group)):
-        # monitored_barrier is gloo-only; other backends are bounded by the group's own timeout.
-        return
+def _store_keys(group: Any, ranks: list[int]) -> tuple[Any, str]:
+    """The store every rank of ``group`` reaches, and this group's key prefix in it."""
+    store = dist.distributed_c10d._get_default_store()
+    name = getattr(group or dist.group.WORLD, "group_name", "")
+    return store, f"graphckpt/plan_check/{name}/{','.join(map(str, ranks))}"
+
+
+def _exchange_summaries(
+    summary: PlanSummary, group: Any, ranks: list[int], timeout_s: float
+) -> list[PlanSummary]:
+    """Every rank's summary, in ``ranks`` order, through the process group's store.
+
+    Each rank posts its summary under the number of checks it has made so far, then waits at
+    most ``timeout_s`` for the others' (the store's own wait: every rank, any backend, is
+    bounded by ``timeout_s``, not by the group's collective timeout). A rank that times out
+    leaves a mark, so a rank arriving after it gave up fails too instead of training alone.
+    The last rank to read deletes the keys.
+    """
+    store, prefix = _store_keys(group, ranks)
+    me = dist.get_rank()
+    check = store.add(f"{prefix}/count/{me}", 1)
+    keys = [f"{prefix}/{check}/summary/{r}" for r in ranks]
+    store.set(keys[ranks.index(me)], pickle.dumps(summary))
     try:
-        dist.monitored_barrier(
-            group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True
-        )
-    except RuntimeError as e:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # DistStoreError on timeout, RuntimeError from older stores
+        missing = [r for r, key in zip(ranks, keys, strict=True) if not store.check([key])]
+        if not missing:  # the last rank arrived as the wait ended
+            return _exchange_read(store, prefix, check, keys)
+        store.set(f"{prefix}/{check}/gave_up/{me}", b"1")
         raise PlanAgreementTimeoutError(
-            f"rank {dist.get_rank()}: not every rank reached graphckpt's plan check within "
-            f"{timeout_s:g} s ({e}). Every rank must run the first training step of the same "
-            "planned model; if planning is just slow on some rank, raise "
+            f"rank {me}: ranks {missing} did not reach graphckpt's plan check (check {check} "
+            f"of this group) within {timeout_s:g} s. Every rank must run the first training "
+            "step of the same planned model; if planning is just slow on some rank, raise "
             "PlanConfig.plan_check_timeout_s"
         ) from e
+    gave_up = [r for r in ranks if store.check([f"{prefix}/{check}/gave_up/{r}"])]
+    if gave_up:
+        raise PlanAgreementTimeoutError(
+            f"rank {me}: ranks {gave_up} stopped waiting for this rank at graphckpt's plan check "
+            f"(check {check} of this group) before it arrived (see their errors); raise "
+            "PlanConfig.plan_check_timeout_s if planning is just slow on some rank"
+        )
+    return _exchange_read(store, prefix, check, keys)
+
+
+def _exchange_read(store: Any, prefix: str, check: int, keys: list[str]) -> list[PlanSummary]:
+    summaries = [pickle.loads(store.get(key)) for key in keys]
+    if store.add(f"{prefix}/{check}/read", 1) == len(keys):
+        for key in [*keys, f"{prefix}/{check}/read"]:
+            store.delete_key(key)
+    return summaries
 
 
 def check_plans_agree(plan: Plan, group: Any = None, *, timeout_s: float = 120.0) -> None:
     """Check that every rank of ``group`` made the same ``plan``; all ranks must call this.
 
     Does nothing unless torch.distributed is initialised and the group has more than one rank.
-    On gloo groups a ``monitored_barrier`` bounds the wait; on other backends the group's own
-    timeout does.
+    The ranks exchange plan hashes through the group's store (no collective), so on every rank
+    and backend the wait is bounded by ``timeout_s``.
 
     Args:
         plan: this rank's plan.
@@ -171,16 +208,8 @@ def check_plans_agree(plan: Plan, group: Any = None, *, timeout_s: float = 120.0
     world = dist.get_world_size(group)
     if world < 2:
         return
-    summaries: list[Any] = [None] * world
-    # The planner runs inside AOTAutograd's fake-tensor tracing; the exchange needs real tensors.
-    with _disable_current_modes():
-        _wait_for_all_ranks(group, timeout_s)
-        try:
-            dist.all_gather_object(summaries, summarize_plan(plan), group=group)
-        except RuntimeError as e:
-            raise PlanAgreementTimeoutError(
-                f"rank {dist.get_rank()}: exchanging plan hashes failed ({e}); another rank "
-                "left the plan check or the job (see that rank's error)"
-            ) from e
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+    # The planner runs inside AOTAutograd's fake-tensor tracing; keep its modes off the store.
+    with _disable_current_modes():
+        summaries = _exchange_summaries(summarize_plan(plan), group, ranks, timeout_s)
     _raise_on_mismatch(summaries, ranks)

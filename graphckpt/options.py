@@ -163,7 +163,8 @@ class PlanConfig:
     plan_group: Any = None
     """Process group whose ranks must agree on the plan; None: the default group."""
     plan_check_timeout_s: float = 120.0
-    """How long the plan check waits for every rank to arrive (on gloo groups) before failing."""
+    """How long the plan check waits, on every rank, for the other ranks to arrive before failing
+    (on any backend: the ranks meet in the process group's store, not in a collective)."""
     fused_pointwise: bool | None = None
     """Whether a compiler that fuses pointwise ops (inductor) runs the rewritten graphs. Then
     recomputing a pointwise op inside backward's fused kernels costs next to nothing, while

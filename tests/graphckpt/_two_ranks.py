@@ -26,7 +26,12 @@ def _free_port() -> int:
 
 
 def _entry(
-    rank: int, body: Callable[..., None], port: int, args: tuple[Any, ...], barrier_at_end: bool
+    rank: int,
+    body: Callable[..., None],
+    port: int,
+    args: tuple[Any, ...],
+    barrier_at_end: bool,
+    group_timeout_s: float,
 ) -> None:
     # When the other rank fails, this one is terminated: print where it was, for the report.
     faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
@@ -36,9 +41,7 @@ def _entry(
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=2,
-        # Under load one rank may compile for over 30 s while the other waits in a collective
-        # (seen twice: the mismatched-plans test failed with a gloo send timeout at 30 s).
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=group_timeout_s),
     )
     body(rank, *args)
     # Both ranks finish their collectives before either tears the group down; tearing down
@@ -48,16 +51,23 @@ def _entry(
     dist.destroy_process_group()
 
 
-def run_two_ranks(body: Callable[..., None], *args: Any, barrier_at_end: bool = True) -> None:
+def run_two_ranks(
+    body: Callable[..., None],
+    *args: Any,
+    barrier_at_end: bool = True,
+    group_timeout_s: float = 60.0,
+) -> None:
     """Calls ``body(rank, *args)`` on ranks 0 and 1 of a gloo group; fails on error or timeout.
 
     ``body`` must be a module-level function (it is pickled by name into the new processes).
     ``barrier_at_end=False`` skips the closing barrier, for bodies that break the group (a
-    collective that timed out closes gloo's connections).
+    collective that timed out closes gloo's connections). ``group_timeout_s`` is the gloo
+    group's timeout for collectives (under load one rank may compile for tens of seconds while
+    the other waits in one).
     """
     context = mp.start_processes(
         _entry,
-        args=(body, _free_port(), args, barrier_at_end),
+        args=(body, _free_port(), args, barrier_at_end, group_timeout_s),
         nprocs=2,
         join=False,
         start_method="spawn",
